@@ -1,0 +1,32 @@
+"""Prompts of an exact token length that defeat prefix caching.
+
+Completions get random token ids (vLLM accepts a list of ids as `prompt`): exact length, no
+tokenizer needed. Chat needs text: random ids are turned into text by the server's
+`/detokenize`; the chat template then adds a few tokens, so the server's usage is the truth.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import numpy as np
+
+
+class PromptFactory:
+    def __init__(self, cfg, seed: int = 0) -> None:
+        self._cfg = cfg
+        self._rng = np.random.default_rng(seed)
+        vocab = cfg.vocab_size
+        # Keep clear of the ends of the vocabulary, where special tokens usually live.
+        self._low, self._high = 1, vocab - min(256, vocab // 8)
+
+    def token_ids(self, n: int) -> list[int]:
+        return self._rng.integers(self._low, self._high, size=max(n, 1)).tolist()
+
+    async def prompt(self, session: aiohttp.ClientSession, isl: int) -> list[int] | str:
+        ids = self.token_ids(isl)
+        if self._cfg.endpoint != "chat":
+            return ids
+        url = f"{self._cfg.base_url.rstrip('/')}/detokenize"
+        async with session.post(url, json={"model": self._cfg.model, "tokens": ids}) as resp:
+            resp.raise_for_status()
+            return (await resp.json())["prompt"]

@@ -1,0 +1,189 @@
+"""Pydantic contracts shared by every module: SLO tiers, per-request timing records,
+window statistics, probe records (one JSONL line each) and profile summaries.
+
+Units live in field names: `_ns` integer nanoseconds from `time.perf_counter_ns()`,
+`_s` seconds, `_tok_s` tokens per second, `_rps` requests per second.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SloTier(Frozen):
+    """A latency SLO: at `percentile`, TTFT <= ttft_s and TPOT <= tpot_s, errors <= max_error_rate."""
+
+    name: str
+    ttft_s: float = Field(gt=0)
+    tpot_s: float = Field(gt=0)
+    percentile: Literal[50, 90, 99] = 90  # the percentiles every probe stores
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+
+
+# Defaults carried over from the seed calculator (p90).
+DEFAULT_TIERS: tuple[SloTier, ...] = (
+    SloTier(name="Baseline", ttft_s=1.0, tpot_s=0.050),
+    SloTier(name="Fast", ttft_s=0.5, tpot_s=0.0167),
+    SloTier(name="Instant", ttft_s=0.25, tpot_s=0.010),
+)
+
+
+class RequestRecord(BaseModel):
+    """Raw clocks of one request; every latency is derived later by pure functions.
+
+    `chunk_ns` holds the arrival time of each streamed event that carried output
+    (text or token); the usage-only and [DONE] events are not in it.
+    `wall_time_s` is a wall-clock stamp for humans, never used for latency.
+    """
+
+    start_ns: int
+    chunk_ns: list[int] = Field(default_factory=list)
+    end_ns: int
+    prompt_tokens: int | None = None  # from the server's usage, not counted by us
+    completion_tokens: int | None = None
+    target_input_tokens: int
+    target_output_tokens: int
+    error: str | None = None  # kind: "http_500", "timeout", "disconnect", "connect", "incomplete", ...
+    response_id: str | None = None
+    wall_time_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class LatencyStats(Frozen):
+    """Percentiles (numpy 'linear' method) of one latency, in seconds; None when no sample."""
+
+    count: int
+    mean: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+
+class WindowStats(Frozen):
+    """Steady-state statistics of one probe (see README: Definitions)."""
+
+    window_s: float
+    completed: int  # requests started after warm-up and finished before the drain
+    failed: int  # errors among requests started in the window
+    errors_by_kind: dict[str, int] = Field(default_factory=dict)
+    input_tokens: int  # prompt tokens of completed requests
+    output_tokens: int
+    request_rate_rps: float  # completions per second of window
+    input_tok_s: float
+    output_tok_s: float
+    ttft_s: LatencyStats
+    tpot_s: LatencyStats
+    itl_s: LatencyStats
+    e2e_s: LatencyStats
+
+    @property
+    def error_rate(self) -> float:
+        total = self.completed + self.failed
+        return self.failed / total if total else 0.0
+
+    def latency(self, metric: Literal["ttft", "tpot", "itl", "e2e"], percentile: Literal[50, 90, 99]) -> float | None:
+        stats: LatencyStats = getattr(self, f"{metric}_s")
+        return getattr(stats, f"p{percentile}")
+
+
+class SloVerdict(Frozen):
+    metric: str  # "ttft", "tpot", "error_rate"
+    value: float | None
+    limit: float
+    passed: bool
+
+    @property
+    def margin(self) -> float | None:
+        """Headroom as a fraction of the limit (negative when violated)."""
+        if self.value is None:
+            return None
+        return (self.limit - self.value) / self.limit if self.limit else None
+
+
+class ProfileSummary(Frozen):
+    """What a probe record carries of the traffic profile it was driven by, so a line prices alone."""
+
+    name: str
+    kind: Literal["empirical", "fixed"] = "empirical"
+    isl_mean: float
+    osl_mean: float
+    isl_p50: float
+    isl_p90: float
+    isl_p99: float
+    osl_p50: float
+    osl_p90: float
+    osl_p99: float
+    # A seeded draw of (ISL, OSL) pairs for $/request percentiles; at most 256.
+    sample_pairs: list[tuple[int, int]] = Field(default_factory=list, max_length=256)
+
+
+class LoadSpec(Frozen):
+    """The load of one probe: closed loop (concurrency) or open loop (request rate)."""
+
+    mode: Literal["closed", "open"]
+    concurrency: int | None = Field(default=None, ge=1)  # closed loop; cap on in-flight for open loop
+    request_rate_rps: float | None = Field(default=None, gt=0)  # open loop
+    burstiness: float = Field(default=1.0, gt=0)  # gamma shape; 1.0 = Poisson
+    kind: Literal["decode", "prefill"] = "decode"  # prefill: max_tokens=1, for the price split
+
+    @property
+    def level(self) -> float:
+        """The number the capacity search moves."""
+        return float(self.concurrency if self.mode == "closed" else self.request_rate_rps)  # type: ignore[arg-type]
+
+
+class DeploymentConfig(Frozen):
+    """What is being measured and priced: one vLLM server."""
+
+    model: str
+    scheme: str = "base"  # base (as served, e.g. BF16), fp8, w8a8, w4a16, w8a16
+    tp: int = Field(default=1, ge=1)
+    gpu_name: str = "cpu"  # catalog key, e.g. "H100-SXM", "H200", "cpu"
+    gpu_count: int = Field(default=1, ge=1)
+    vllm_version: str | None = None
+    max_model_len: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}|{self.scheme}|tp{self.tp}|{self.gpu_count}x{self.gpu_name}"
+
+
+class EnergyStats(Frozen):
+    """GPU energy over the probe window; absent when not measured (never zero for 'unknown')."""
+
+    energy_j: float
+    idle_power_w: float | None = None
+    mean_power_w: float | None = None
+    source: Literal["nvml_counter", "nvml_power_integral"] = "nvml_counter"
+
+
+class ProbeRecord(BaseModel):
+    """One JSONL line of benchmark_results/: everything needed to price this probe alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: str
+    probe_index: int
+    timestamp_utc: str
+    config: DeploymentConfig
+    profile: ProfileSummary
+    load: LoadSpec
+    stats: WindowStats
+    energy: EnergyStats | None = None
+    server_metrics: dict[str, float] | None = None
+    # SLO verdicts at record time; the pricer recomputes them for whatever tiers it is given.
+    tiers_passed: list[str] = Field(default_factory=list)
+    note: str | None = None

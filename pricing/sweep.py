@@ -1,0 +1,140 @@
+"""Sweep one deployment: probe load levels chosen by `search`, record every probe, resume.
+
+Probes already in the results file (same config, profile and load mode) are reused, so a
+rerun after a crash continues where the last one stopped. After the decode search, one
+prefill-only probe (max_tokens=1) per capacity level gives the input-token rate the price
+split needs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pricing.client import ProbePlan, ProbeResult
+from pricing.metrics import meets
+from pricing.results import append_record, read_records, repair_torn_tail
+from pricing.schema import DeploymentConfig, LoadSpec, ProbeRecord, ProfileSummary, SloTier
+from pricing.search import SearchParams, capacity_level, histories_from, next_probe
+
+ProbeFn = Callable[[LoadSpec, int], Awaitable[ProbeResult]]
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: DeploymentConfig
+    profile: ProfileSummary
+    tiers: list[SloTier]
+    search: SearchParams = Field(default_factory=SearchParams)
+    plan: ProbePlan = Field(default_factory=ProbePlan)
+    mode: Literal["closed", "open"] = "closed"
+    max_probes: int = Field(default=12, ge=1)  # decode probes run by this invocation
+    prefill_probes: bool = True
+    run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+class SweepEvents(Protocol):
+    """What a front end (progress bar) is told; every method is optional to implement."""
+
+    def probe_started(self, load: LoadSpec, index: int) -> None: ...
+    def probe_finished(self, record: ProbeRecord, reused: bool) -> None: ...
+
+
+class _Silent:
+    def probe_started(self, load: LoadSpec, index: int) -> None:
+        pass
+
+    def probe_finished(self, record: ProbeRecord, reused: bool) -> None:
+        pass
+
+
+class SweepOutcome(BaseModel):
+    capacity_level: dict[str, float | None]  # per tier: highest passing level (None: none passes)
+    records: list[ProbeRecord]
+    probes_run: int
+    stopped: str | None = None  # why the sweep stopped early, if it did
+
+
+def _load(spec: SweepSpec, level: float, kind: Literal["decode", "prefill"]) -> LoadSpec:
+    if spec.mode == "closed":
+        return LoadSpec(mode="closed", concurrency=int(level), kind=kind)
+    return LoadSpec(mode="open", request_rate_rps=level, kind=kind)
+
+
+def _same_sweep(rec: ProbeRecord, spec: SweepSpec) -> bool:
+    return rec.config.key == spec.config.key and rec.profile.name == spec.profile.name and rec.load.mode == spec.mode
+
+
+def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult) -> ProbeRecord:
+    passed = [t.name for t in spec.tiers if load.kind == "decode" and meets(result.stats, t)]
+    return ProbeRecord(
+        run_id=spec.run_id,
+        probe_index=index,
+        timestamp_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        config=spec.config,
+        profile=spec.profile,
+        load=load,
+        stats=result.stats,
+        tiers_passed=passed,
+        note=result.aborted,
+    )
+
+
+async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents | None = None) -> SweepOutcome:
+    events = events or _Silent()
+    repair_torn_tail(out_path)
+    mine = [r for r in read_records(out_path) if _same_sweep(r, spec)]
+    done = {(r.load.kind, r.load.level): r for r in mine}
+    for rec in mine:
+        events.probe_finished(rec, reused=True)
+    tier_names = [t.name for t in spec.tiers]
+    next_index = max((r.probe_index for r in mine), default=-1) + 1
+    probes_run, stopped = 0, None
+
+    def histories():
+        decode = [r for r in done.values() if r.load.kind == "decode" and (r.note is None or _aborted_by_time(r))]
+        return histories_from([(r.load.level, {t.name: meets(r.stats, t) for t in spec.tiers}) for r in decode], tier_names)
+
+    async def measure(level: float, kind: Literal["decode", "prefill"]) -> ProbeRecord:
+        nonlocal next_index, probes_run
+        load = _load(spec, level, kind)
+        events.probe_started(load, next_index)
+        result = await probe(load, next_index)
+        record = _to_record(spec, next_index, load, result)
+        append_record(out_path, record)
+        done[(kind, load.level)] = record
+        next_index += 1
+        probes_run += 1
+        events.probe_finished(record, reused=False)
+        return record
+
+    while (level := next_probe(histories(), spec.search)) is not None:
+        if probes_run >= spec.max_probes:
+            stopped = f"probe budget of {spec.max_probes} spent; rerun to continue"
+            break
+        record = await measure(level, "decode")
+        if record.stats.completed == 0 and not _aborted_by_time(record):
+            stopped = f"probe at {spec.mode} load {level:g} completed no request: {record.note}"
+            break
+
+    capacity = {name: capacity_level(h) for name, h in histories().items()}
+    if spec.prefill_probes and stopped is None:
+        for level in sorted({c for c in capacity.values() if c is not None}):
+            if ("prefill", level) not in done:
+                await measure(level, "prefill")
+    return SweepOutcome(capacity_level=capacity, records=list(done.values()), probes_run=probes_run, stopped=stopped)
+
+
+def _aborted_by_time(rec: ProbeRecord) -> bool:
+    """A probe whose window never filled (too slow for max_duration_s) is an honest fail, not an error."""
+    return rec.note is not None and rec.note.startswith("max_duration_s")
+
+
+def summary_rows(outcome: SweepOutcome, tiers: Sequence[SloTier]) -> list[tuple[str, str]]:
+    return [(t.name, "none passes" if outcome.capacity_level[t.name] is None else f"{outcome.capacity_level[t.name]:g}") for t in tiers]

@@ -1,0 +1,99 @@
+"""The client against the mock server, whose latency truth is known."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from pricing.client import ClientConfig, ProbePlan, run_probe
+from pricing.metrics import tpot_s, ttft_s
+from pricing.mock_server import Faults, LatencyModel, MockConfig
+from pricing.schema import LoadSpec
+
+TTFT_S, TPOT_S = 0.040, 0.050
+
+
+def closed(n: int) -> LoadSpec:
+    return LoadSpec(mode="closed", concurrency=n)
+
+
+@pytest.mark.parametrize("streams", [1, 64, 512])
+async def test_measured_ttft_and_tpot_match_the_configured_truth(mock_server, streams):
+    # TPOT grows with the stream count so the mock's own core is not the bottleneck.
+    tpot = TPOT_S if streams < 512 else 0.100
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=TTFT_S, tpot_base_s=tpot)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    plan = ProbePlan(min_window_s=1.0, min_requests=5, ramp_up_s=1.0 if streams > 1 else 0)
+    result = await run_probe(cfg, closed(streams), itertools.repeat((64, 12)), plan)
+    inside = [r for r in result.records if r.ok and result.window_start_ns <= r.start_ns and r.end_ns <= result.window_end_ns]
+    assert len(inside) == result.stats.completed >= 5
+    ttft_err_ms = np.array([ttft_s(r) - TTFT_S for r in inside]) * 1e3
+    tpot_err_ms = np.array([tpot_s(r) - tpot for r in inside]) * 1e3
+    assert abs(np.median(ttft_err_ms)) <= 1.0, f"TTFT error p50 {np.median(ttft_err_ms):.3f} ms"
+    assert abs(np.median(tpot_err_ms)) <= 1.0, f"TPOT error p50 {np.median(tpot_err_ms):.3f} ms"
+    assert result.stats.failed == 0 and result.aborted is None
+    assert all(r.completion_tokens == 12 and r.prompt_tokens == 64 for r in inside)
+
+
+@pytest.mark.parametrize(
+    ("faults", "kind"),
+    [
+        (Faults(http500_every=4), "http_500"),
+        (Faults(disconnect_every=4), "disconnect"),
+        (Faults(stall_every=4, stall_s=3.0), "timeout"),
+    ],
+)
+async def test_each_fault_is_counted_as_its_kind_and_the_run_goes_on(mock_server, faults, kind):
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005), faults=faults))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", stall_timeout_s=0.5)
+    result = await run_probe(cfg, closed(4), itertools.repeat((8, 8)), ProbePlan(min_window_s=1.5, min_requests=8))
+    errors = [r.error for r in result.records if r.error not in (None, "cancelled")]
+    assert errors and set(errors) == {kind}
+    ok = sum(r.ok for r in result.records)
+    assert ok >= 2 * len(errors)  # every 4th request fails, the others go on
+    assert result.stats.errors_by_kind.get(kind, 0) == result.stats.failed > 0
+    assert result.aborted is None
+
+
+async def test_unreachable_server_aborts_quickly_with_connect_errors():
+    cfg = ClientConfig(base_url="http://127.0.0.1:9", model="m")
+    result = await run_probe(cfg, closed(2), itertools.repeat((8, 8)), ProbePlan(min_window_s=1, max_duration_s=20))
+    assert result.aborted and "connect" in result.aborted
+    assert result.stats.completed == 0
+
+
+async def test_open_loop_poisson_rate_and_in_flight_cap(mock_server):
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.01, tpot_base_s=0.01)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=3)
+    load = LoadSpec(mode="open", request_rate_rps=40.0, concurrency=64)
+    result = await run_probe(cfg, load, itertools.repeat((16, 10)), ProbePlan(min_window_s=4, min_requests=50))
+    assert result.stats.request_rate_rps == pytest.approx(40.0, rel=0.25)
+    starts = np.array(sorted(r.start_ns for r in result.records)) / 1e9
+    gaps = np.diff(starts)
+    # Poisson arrivals: coefficient of variation of the gaps near 1 (a fixed ladder would give ~0)
+    assert 0.7 < gaps.std() / gaps.mean() < 1.3
+
+
+async def test_chat_endpoint_ttft_waits_for_content_and_api_key_is_sent_not_stored(mock_server):
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.030, tpot_base_s=0.005), api_key="s3cret"))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", endpoint="chat", api_key="s3cret")
+    seen = []
+    result = await run_probe(cfg, closed(2), itertools.repeat((20, 5)), ProbePlan(min_window_s=0.5, min_requests=3), on_record=seen.append)
+    assert result.stats.completed >= 3 and result.stats.failed == 0
+    assert result.stats.ttft_s.p50 >= 0.030  # the role-only first chunk is not the first token
+    assert len(seen) == len(result.records)
+    assert "s3cret" not in repr(cfg) and "s3cret" not in cfg.model_dump_json()
+    assert "s3cret" not in "".join(r.model_dump_json() for r in result.records)
+
+    wrong = ClientConfig(base_url=mock.url, model="mock-model", api_key="nope")
+    bad = await run_probe(wrong, closed(1), itertools.repeat((4, 2)), ProbePlan(min_window_s=1, max_duration_s=10, fail_fast_after=5))
+    assert bad.aborted and "http_401" in bad.aborted
+
+
+async def test_prefill_probe_asks_for_one_token(mock_server):
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    load = LoadSpec(mode="closed", concurrency=4, kind="prefill")
+    result = await run_probe(cfg, load, itertools.repeat((300, 50)), ProbePlan(min_window_s=0.5, min_requests=10))
+    assert all(r.completion_tokens == 1 for r in result.records if r.ok)
+    assert result.stats.input_tok_s == pytest.approx(300 * result.stats.request_rate_rps, rel=0.2)

@@ -1,0 +1,70 @@
+import pytest
+
+from pricing.metrics import CANCELLED, itl_s, latency_stats, meets, slo_verdicts, tpot_s, ttft_s, window_stats
+from pricing.schema import RequestRecord, SloTier
+
+MS = 1_000_000
+
+
+def rec(start_ms, chunks_ms, end_ms=None, tokens=None, prompt=100, error=None):
+    return RequestRecord(
+        start_ns=start_ms * MS,
+        chunk_ns=[c * MS for c in chunks_ms],
+        end_ns=(end_ms if end_ms is not None else (chunks_ms[-1] if chunks_ms else start_ms)) * MS,
+        prompt_tokens=prompt,
+        completion_tokens=tokens if tokens is not None else len(chunks_ms),
+        target_input_tokens=prompt,
+        target_output_tokens=len(chunks_ms),
+        error=error,
+    )
+
+
+def test_ttft_tpot_itl_definitions():
+    r = rec(0, [100, 110, 130, 160])
+    assert ttft_s(r) == pytest.approx(0.100)
+    assert tpot_s(r) == pytest.approx(0.060 / 3)
+    assert itl_s(r) == pytest.approx([0.010, 0.020, 0.030])
+    # invariant: the ITL gaps add up to last chunk - first chunk
+    assert sum(itl_s(r)) == pytest.approx((r.chunk_ns[-1] - r.chunk_ns[0]) / 1e9)
+
+
+def test_tpot_uses_server_token_count_not_chunk_count():
+    r = rec(0, [100, 160], tokens=7)  # 7 tokens arrived in 2 chunks
+    assert tpot_s(r) == pytest.approx(0.060 / 6)
+    assert tpot_s(rec(0, [100])) is None
+
+
+def test_empty_sample_is_none_not_zero():
+    s = latency_stats([])
+    assert s.count == 0 and s.p90 is None and s.mean is None
+
+
+def test_window_excludes_warmup_and_drain_and_counts_throughput_inside():
+    records = [
+        rec(0, [50, 60], end_ms=60),  # before the window: not in latency stats
+        rec(1000, [1100, 1200], end_ms=1200),  # inside
+        rec(1500, [1600, 1700, 1800], end_ms=1800),  # inside
+        rec(1900, [1950, 2050], end_ms=2050),  # ends after the window closes at 2000
+        rec(1950, [], error="http_500"),  # failed inside
+        rec(1990, [1995], error=CANCELLED, tokens=None),  # cut at drain: not an error
+    ]
+    s = window_stats(records, 1000 * MS, 2000 * MS)
+    assert s.completed == 2
+    assert s.failed == 1 and s.errors_by_kind == {"http_500": 1}
+    assert s.ttft_s.count == 2 and s.ttft_s.mean == pytest.approx(0.1)
+    assert s.request_rate_rps == pytest.approx(2.0)  # two completions in one second
+    # output tokens streamed inside: 2 + 3 + 1 (half of the straddling one) + 1 (cancelled)
+    assert s.output_tok_s == pytest.approx(7.0)
+    assert s.input_tokens == 200 and s.output_tokens == 5
+    assert s.error_rate == pytest.approx(1 / 3)
+
+
+def test_slo_verdicts_pass_fail_and_missing_sample_fails():
+    records = [rec(0, [100 + i, 110 + i, 120 + i], end_ms=130 + i) for i in range(10)]
+    s = window_stats(records, 0, 1000 * MS)
+    assert meets(s, SloTier(name="t", ttft_s=0.2, tpot_s=0.02))
+    verdicts = {v.metric: v for v in slo_verdicts(s, SloTier(name="t", ttft_s=0.05, tpot_s=0.02))}
+    assert not verdicts["ttft"].passed and verdicts["ttft"].margin < 0
+    assert verdicts["tpot"].passed
+    empty = window_stats([], 0, 1000 * MS)
+    assert not meets(empty, SloTier(name="t", ttft_s=10, tpot_s=10))

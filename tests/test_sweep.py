@@ -1,0 +1,86 @@
+"""The sweep against the mock server, whose capacity is known, and its resume after a crash."""
+
+import itertools
+
+import pytest
+
+from pricing.client import ClientConfig, ProbePlan, run_probe
+from pricing.mock_server import LatencyModel, MockConfig
+from pricing.results import read_records
+from pricing.schema import DeploymentConfig, ProfileSummary, SloTier
+from pricing.search import SearchParams
+from pricing.sweep import SweepSpec, run_sweep
+
+# TPOT = 5 ms + 0.6 ms x running; a 21 ms TPOT limit holds up to 26.7 concurrent streams.
+LATENCY = LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005, tpot_per_seq_s=0.0006)
+TIER = SloTier(name="Mock", ttft_s=0.5, tpot_s=0.021)
+TRUE_CAPACITY = (0.021 - 0.005) / 0.0006
+PROFILE = ProfileSummary(
+    name="fixed-32-10", kind="fixed", isl_mean=32, osl_mean=10,
+    isl_p50=32, isl_p90=32, isl_p99=32, osl_p50=10, osl_p90=10, osl_p99=10,
+)
+
+
+def spec(**kw) -> SweepSpec:
+    return SweepSpec(
+        config=DeploymentConfig(model="mock-model", gpu_name="cpu"),
+        profile=PROFILE,
+        tiers=[TIER],
+        search=SearchParams(max_level=256),
+        plan=ProbePlan(min_window_s=1.0, min_requests=15, ramp_up_s=0.2),
+        **kw,
+    )
+
+
+def prober(url):
+    cfg = ClientConfig(base_url=url, model="mock-model")
+
+    async def probe(load, index):
+        return await run_probe(cfg, load, itertools.repeat((32, 10)), spec().plan)
+
+    return probe
+
+
+async def test_sweep_finds_the_mocks_known_capacity_within_10_percent(mock_server, tmp_path):
+    mock = mock_server(MockConfig(latency=LATENCY))
+    out = tmp_path / "mock_cpu.jsonl"
+    outcome = await run_sweep(spec(), prober(mock.url), out)
+    cap = outcome.capacity_level["Mock"]
+    assert cap is not None and abs(cap - TRUE_CAPACITY) / TRUE_CAPACITY <= 0.10, cap
+    records = read_records(out)
+    assert len(records) == outcome.probes_run  # every probe recorded, passing or not
+    assert [r.load.kind for r in records].count("prefill") == 1
+    assert records[-1].load.level == cap
+    assert all(("Mock" in r.tiers_passed) == (r.load.level <= cap) for r in records if r.load.kind == "decode")
+
+
+async def test_a_crashed_sweep_resumes_without_repeating_probes(mock_server, tmp_path):
+    mock = mock_server(MockConfig(latency=LATENCY))
+    out = tmp_path / "mock_cpu.jsonl"
+    real = prober(mock.url)
+    calls = []
+
+    async def crashing(load, index):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run dies mid-sweep
+        calls.append(load.level)
+        return await real(load, index)
+
+    with pytest.raises(KeyboardInterrupt):
+        await run_sweep(spec(), crashing, out)
+    with open(out, "a") as f:
+        f.write('{"schema_version": 1, "run_id": "torn')  # a line torn by the crash
+    assert len(read_records(out)) == 3
+
+    resumed = []
+
+    async def counting(load, index):
+        resumed.append(load.level)
+        return await real(load, index)
+
+    outcome = await run_sweep(spec(), counting, out)
+    assert not set(resumed) & {1.0, 2.0, 4.0}, "measured levels are reused, not probed again"
+    decode_levels = [r.load.level for r in read_records(out) if r.load.kind == "decode"]
+    assert len(decode_levels) == len(set(decode_levels)), "no level measured twice"
+    assert decode_levels[:3] == [1.0, 2.0, 4.0]
+    assert outcome.capacity_level["Mock"] is not None
