@@ -125,6 +125,9 @@ class ProfileSummary(Frozen):
     osl_p50: float
     osl_p90: float
     osl_p99: float
+    # The max-model-len policy applied to the traffic sent (None: no limit applied).
+    length_policy: Literal["drop", "truncate", "cap"] | None = None
+    max_model_len: int | None = None
     # A seeded draw of (ISL, OSL) pairs for $/request percentiles; at most 256.
     sample_pairs: list[tuple[int, int]] = Field(default_factory=list, max_length=256)
 
