@@ -8,11 +8,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pricing.errors import from_validation_error
 from pricing.schema import ProbeRecord
-
-
-class ResultsFileError(ValueError):
-    """A results file that cannot be resumed from: names file:line and the field."""
 
 
 def append_record(path: Path, record: ProbeRecord) -> None:
@@ -25,7 +22,8 @@ def append_record(path: Path, record: ProbeRecord) -> None:
 
 
 def read_records(path: Path) -> list[ProbeRecord]:
-    """Records of a results file; a last line without its newline (torn by a crash) is skipped."""
+    """Records of a results file; a last line without its newline (torn by a crash) is skipped.
+    Raises InputError naming file:line and field for anything else that does not validate."""
     if not path.exists():
         return []
     text = path.read_text(encoding="utf-8")
@@ -38,9 +36,7 @@ def read_records(path: Path) -> list[ProbeRecord]:
         try:
             records.append(ProbeRecord.model_validate_json(line))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(line)"
-            raise ResultsFileError(f"{path}:{number}: field '{field}': {err['msg']}; fix or move the file") from None
+            raise from_validation_error(str(path), number, exc) from None
     return records
 
 

@@ -1,0 +1,180 @@
+"""`python -m pricing.bench`: serve a model with vLLM (or attach to one), sweep load per SLO
+tier, append one JSON line per probe to benchmark_results/. `make bench` calls this."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pricing import aio
+from pricing.bench_progress import ProbeProgress
+from pricing.client import ClientConfig, ProbePlan, ProbeResult, run_probe
+from pricing.profile import DEFAULT_PROFILE, load_profile
+from pricing.errors import InputError
+from pricing.schema import DEFAULT_TIERS, DeploymentConfig, LoadSpec
+from pricing.search import SearchParams
+from pricing.server import ServerSpec, ServerStartError, VllmServer, attach
+from pricing.shapes import SHAPES, resolve_model, write_shape
+from pricing.sweep import SweepSpec, run_sweep
+
+# nvidia-smi names -> catalog keys; anything else is used as printed (the pricer then asks for --catalog).
+GPU_NAMES = (
+    (r"H200", "H200"),
+    (r"H100.*PCIe", "H100-PCIe"),
+    (r"H100", "H100-SXM"),
+    (r"B200", "B200"),
+    (r"A100.*80", "A100-80GB"),
+    (r"L40S", "L40S"),
+    (r"\bL4\b", "L4"),
+)
+
+
+def detect_gpu() -> tuple[str, int]:
+    """(catalog name, count) of the visible GPUs; ("cpu", 1) without any."""
+    if shutil.which("nvidia-smi") is None:
+        return "cpu", 1
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not names:
+        return "cpu", 1
+    return next((key for pattern, key in GPU_NAMES if re.search(pattern, names[0])), names[0]), len(names)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pricing.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-llama", help=f"shape ({', '.join(SHAPES)}), model folder or HF id")
+    p.add_argument("--scheme", default="base", help="base (as served), fp8, w8a8, w4a16, w8a16")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help="profile name, JSON path or fixed:ISL:OSL")
+    p.add_argument("--gpu", default="auto", help="catalog GPU name for pricing; auto: from nvidia-smi, cpu without")
+    p.add_argument("--url", help="attach to a running server instead of starting one")
+    p.add_argument("--api-key", help="Bearer key for the server (never logged)")
+    p.add_argument("--max-model-len", type=int, help="vLLM max-model-len; requests are capped to fit")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--mode", choices=["closed", "open"], default="closed", help="sweep concurrency or request rate")
+    p.add_argument("--tier", nargs="*", help="tiers to search (default: all of Baseline, Fast, Instant)")
+    p.add_argument("--max-probes", type=int, default=12, help="decode probes in this run (rerun to continue)")
+    p.add_argument("--min-window-s", type=float, default=20.0, help="steady-state seconds per probe")
+    p.add_argument("--min-requests", type=int, default=20, help="completed requests per probe window")
+    p.add_argument("--max-probe-s", type=float, default=300.0, help="a probe longer than this fails")
+    p.add_argument("--start", type=float, default=1.0, help="first load level")
+    p.add_argument("--max-level", type=float, default=1024.0, help="highest load level tried")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill-only probes of the price split")
+    p.add_argument("--out", type=Path, help="results file (default benchmark_results/<model>_<gpu>.jsonl)")
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="where shape folders are written")
+    p.add_argument("--startup-timeout-s", type=float, default=1200.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vllm-arg", action="append", default=[], help="passed to vllm serve as is (repeatable)")
+    return p
+
+
+def _model_folder(args: argparse.Namespace):
+    """Shapes get a folder (with the scheme's quantization config when not base); others as given."""
+    if args.model in SHAPES and args.scheme != "base":
+        from pricing.quantize import shape_quantization_config
+
+        folder = write_shape(args.model, args.models_dir / f"{args.model}-{args.scheme}", shape_quantization_config(args.scheme))
+        return resolve_model(str(folder), args.models_dir)
+    return resolve_model(args.model, args.models_dir)
+
+
+def _tiers(names: list[str] | None):
+    if not names:
+        return list(DEFAULT_TIERS)
+    known = {t.name.lower(): t for t in DEFAULT_TIERS}
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown:
+        raise ValueError(f"--tier: unknown tier(s) {', '.join(unknown)}; known: {', '.join(t.name for t in DEFAULT_TIERS)}")
+    return [known[n.lower()] for n in names]
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    tiers = _tiers(args.tier)
+    profile = load_profile(args.profile)
+    resolved = _model_folder(args) if not args.url else None
+    gpu_name, gpu_count = detect_gpu() if args.gpu == "auto" else (args.gpu, args.tp)
+    model_label = Path(args.model).name if args.model not in SHAPES else args.model
+    out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
+
+    if args.url:
+        server = attach(args.url, api_key=args.api_key)
+    else:
+        spec = ServerSpec(
+            model=resolved.model, tensor_parallel_size=args.tp, max_model_len=args.max_model_len,
+            load_format=resolved.load_format, served_model_name=model_label, api_key=args.api_key,
+            extra_args=tuple(args.vllm_arg), env={"VLLM_CPU_KVCACHE_SPACE": "1"} if gpu_name == "cpu" else {},
+        )
+        server = VllmServer(spec, startup_timeout_s=args.startup_timeout_s)
+    with contextlib.ExitStack() as stack:
+        with console.status(f"starting vLLM for {model_label} (TP={args.tp}); log: {getattr(server, 'log_path', '-')}"):
+            stack.enter_context(server)
+        max_len = args.max_model_len or server.max_model_len
+        config = DeploymentConfig(
+            model=model_label, scheme=args.scheme, tp=args.tp, gpu_name=gpu_name,
+            gpu_count=max(gpu_count if args.gpu == "auto" else args.tp, 1),
+            vllm_version=server.vllm_version, max_model_len=max_len,
+        )
+        client = ClientConfig(
+            base_url=server.base_url, model=server.served_model_name or model_label, endpoint=args.endpoint,
+            api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
+        )
+        pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)
+        plan = ProbePlan(min_window_s=args.min_window_s, min_requests=args.min_requests, max_duration_s=args.max_probe_s)
+        sweep = SweepSpec(
+            config=config, profile=profile.summary(seed=args.seed, max_model_len=max_len), tiers=tiers,
+            search=SearchParams(start=args.start, max_level=args.max_level, integer=args.mode == "closed",
+                                min_level=1.0 if args.mode == "closed" else 0.05),
+            plan=plan, mode=args.mode, max_probes=args.max_probes, prefill_probes=not args.no_prefill,
+        )
+        progress = ProbeProgress(console, plan)
+
+        async def probe(load: LoadSpec, index: int) -> ProbeResult:
+            return await run_probe(client, load, itertools.cycle(pairs), plan, on_record=progress.on_record)
+
+        with progress:
+            outcome = aio.run(run_sweep(sweep, probe, out, events=progress))
+    _print_outcome(console, outcome, tiers, out)
+    return 1 if outcome.stopped and "completed no request" in outcome.stopped else 0
+
+
+def _print_outcome(console: Console, outcome, tiers, out: Path) -> None:
+    table = Table(title="Capacity per SLO tier (highest passing load level)")
+    table.add_column("tier")
+    table.add_column("SLO (p90)")
+    table.add_column("capacity")
+    for t in tiers:
+        level = outcome.capacity_level.get(t.name)
+        table.add_row(t.name, f"TTFT ≤ {t.ttft_s:g} s, TPOT ≤ {t.tpot_s * 1e3:g} ms", "none passes" if level is None else f"{level:g}")
+    console.print(table)
+    console.print(f"{outcome.probes_run} new probe(s) appended to {out}" + (f"; stopped: {outcome.stopped}" if outcome.stopped else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console(stderr=True)
+    args = _parser().parse_args(argv)
+    try:
+        return run(args, console)
+    except ServerStartError as exc:
+        for line in exc.log_tail:
+            console.print(f"  [dim]{line}[/dim]", highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: finished probes are saved; rerun the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`python -m pricing.bench` end to end: against the mock (fast) and a real vLLM CPU server (CI)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pricing.bench import main
+from pricing.mock_server import LatencyModel, MockConfig
+from pricing.results import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_unreachable_url_is_one_clear_error(capsys):
+    assert main(["--url", "http://127.0.0.1:9", "--profile", "fixed:16:8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach http://127.0.0.1:9" in err[0] and "Traceback" not in err[0]
+
+
+def test_unknown_profile_and_tier_exit_2(capsys):
+    assert main(["--url", "http://127.0.0.1:9", "--profile", "no-such-profile"]) == 2
+    assert "no-such-profile" in capsys.readouterr().err
+    assert main(["--url", "http://127.0.0.1:9", "--profile", "fixed:16:8", "--tier", "Gold"]) == 2
+    assert "unknown tier(s) Gold" in capsys.readouterr().err
+
+
+def test_attached_sweep_against_the_mock_writes_valid_resumable_jsonl(mock_server, tmp_path):
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.004, tpot_per_seq_s=0.001)))
+    out = tmp_path / "mock_cpu.jsonl"
+    args = ["--url", mock.url, "--profile", "fixed:64:16", "--gpu", "cpu", "--tier", "Baseline", "Fast",
+            "--min-window-s", "0.5", "--min-requests", "5", "--max-probes", "4", "--out", str(out)]
+    assert main(args) == 0
+    first = read_records(out)
+    assert len(first) >= 4 and {r.config.gpu_name for r in first} == {"cpu"}
+    assert main(args) == 0  # resumes: continues the search, never repeats a level
+    levels = [(r.load.kind, r.load.level) for r in read_records(out)]
+    assert len(levels) == len(set(levels)) and len(levels) > len(first)
+
+
+@pytest.mark.vllm
+def test_make_bench_against_a_real_vllm_cpu_server(tmp_path):
+    """`make bench` with the tiny shape: server starts, >= 3 probes, valid JSONL, clean shutdown."""
+    out = tmp_path / "tiny_cpu.jsonl"
+    bench_args = (f"--profile fixed:128:32 --max-model-len 1024 --min-window-s 3 --min-requests 5 "
+                  f"--max-probes 3 --tier Baseline --out {out} --models-dir {tmp_path / 'models'}")
+    env = {**os.environ, "BENCH_ARGS": bench_args, "VENV": str(Path(sys.executable).parents[1])}
+    cmd = ["flock", "/tmp/vllm.lock", "make", "-C", str(REPO), "bench", "MODEL=tiny-llama", "QUANT=base", "TP=1", "GPU=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_records(out)
+    assert len(records) >= 3
+    for line in out.read_text().splitlines():
+        assert json.loads(line)["schema_version"] == 1
+    decode = [r for r in records if r.load.kind == "decode"]
+    assert decode and all(r.stats.completed >= 5 and r.stats.failed == 0 for r in decode)
+    assert all(r.config.vllm_version for r in records)
+    # clean shutdown: no vLLM process left behind from this run
+    left = subprocess.run(["pgrep", "-f", f"vllm.entrypoints.openai.api_server --model {tmp_path}"], capture_output=True)
+    assert left.returncode == 1, left.stdout
