@@ -17,7 +17,8 @@ from rich.table import Table
 
 from pricing import aio
 from pricing.bench_progress import ProbeProgress
-from pricing.client import ClientConfig, ProbePlan, ProbeResult, run_probe
+from pricing.client import ClientConfig, ProbePlan, ProbeResult
+from pricing.measured_probe import measured_probe
 from pricing.profile import DEFAULT_PROFILE, load_profile
 from pricing.errors import InputError
 from pricing.schema import DEFAULT_TIERS, DeploymentConfig, LoadSpec
@@ -25,6 +26,7 @@ from pricing.search import SearchParams
 from pricing.server import ServerSpec, ServerStartError, VllmServer, attach
 from pricing.shapes import SHAPES, resolve_model, write_shape
 from pricing.sweep import SweepSpec, run_sweep
+from pricing.telemetry import open_gpu_meter
 
 # nvidia-smi names -> catalog keys; anything else is used as printed (the pricer then asks for --catalog).
 GPU_NAMES = (
@@ -77,14 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_folder(args: argparse.Namespace):
+def prepare_model(model: str, scheme: str, models_dir: Path):
     """Shapes get a folder (with the scheme's quantization config when not base); others as given."""
-    if args.model in SHAPES and args.scheme != "base":
+    if model in SHAPES and scheme != "base":
         from pricing.quantize import shape_quantization_config
 
-        folder = write_shape(args.model, args.models_dir / f"{args.model}-{args.scheme}", shape_quantization_config(args.scheme))
-        return resolve_model(str(folder), args.models_dir)
-    return resolve_model(args.model, args.models_dir)
+        folder = write_shape(model, models_dir / f"{model}-{scheme}", shape_quantization_config(scheme))
+        return resolve_model(str(folder), models_dir)
+    return resolve_model(model, models_dir)
 
 
 def _tiers(names: list[str] | None):
@@ -100,8 +102,8 @@ def _tiers(names: list[str] | None):
 def run(args: argparse.Namespace, console: Console) -> int:
     tiers = _tiers(args.tier)
     profile = load_profile(args.profile)
-    resolved = _model_folder(args) if not args.url else None
-    gpu_name, gpu_count = detect_gpu() if args.gpu == "auto" else (args.gpu, args.tp)
+    resolved = prepare_model(args.model, args.scheme, args.models_dir) if not args.url else None
+    gpu_name = detect_gpu()[0] if args.gpu == "auto" else args.gpu
     model_label = Path(args.model).name if args.model not in SHAPES else args.model
     out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
 
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         max_len = args.max_model_len or server.max_model_len
         config = DeploymentConfig(
             model=model_label, scheme=args.scheme, tp=args.tp, gpu_name=gpu_name,
-            gpu_count=max(gpu_count if args.gpu == "auto" else args.tp, 1),
+            gpu_count=args.tp,  # one server uses TP GPUs; replicas are priced by the pricer
             vllm_version=server.vllm_version, max_model_len=max_len,
         )
         client = ClientConfig(
@@ -136,14 +138,28 @@ def run(args: argparse.Namespace, console: Console) -> int:
             plan=plan, mode=args.mode, max_probes=args.max_probes, prefill_probes=not args.no_prefill,
         )
         progress = ProbeProgress(console, plan)
+        meter = stack.enter_context(_gpu_meter(gpu_name, console))
 
         async def probe(load: LoadSpec, index: int) -> ProbeResult:
-            return await run_probe(client, load, itertools.cycle(pairs), plan, on_record=progress.on_record)
+            return await measured_probe(client, load, itertools.cycle(pairs), plan, meter, on_record=progress.on_record)
 
         with progress:
             outcome = aio.run(run_sweep(sweep, probe, out, events=progress))
     _print_outcome(console, outcome, tiers, out)
     return 1 if outcome.stopped and "completed no request" in outcome.stopped else 0
+
+
+@contextlib.contextmanager
+def _gpu_meter(gpu_name: str, console: Console):
+    """An NVML energy meter with idle power measured once (None on CPU or without NVML)."""
+    meter = open_gpu_meter() if gpu_name != "cpu" else None
+    if meter is None:
+        yield None
+        return
+    with meter:
+        with console.status("measuring idle GPU power (3 s)"):
+            meter.measure_idle(3.0)
+        yield meter
 
 
 def _print_outcome(console: Console, outcome, tiers, out: Path) -> None:
@@ -159,7 +175,7 @@ def _print_outcome(console: Console, outcome, tiers, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     args = _parser().parse_args(argv)
     try:
         return run(args, console)

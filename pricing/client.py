@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from pricing.metrics import CANCELLED, window_stats
 from pricing.prompts import PromptFactory
-from pricing.schema import LoadSpec, RequestRecord, WindowStats
+from pricing.schema import EnergyStats, LoadSpec, RequestRecord, WindowStats
 from pricing.sse import parse_stream
 
 OnRecord = Callable[[RequestRecord], None]
@@ -59,6 +59,8 @@ class ProbeResult:
     window_end_ns: int
     stats: WindowStats
     aborted: str | None = None  # why the probe stopped early, if it did
+    energy: EnergyStats | None = None  # filled by measured_probe when a GPU is metered
+    server_metrics: dict[str, float] | None = None
 
 
 @dataclass

@@ -175,16 +175,16 @@ def _tier_header(tier: SloTier, seed_only: bool) -> str:
 def render_matrix(rows: Sequence[PriceRow], params: PricingParams, console: Console) -> None:
     """The configs x tiers table, then the definitions line and the warnings."""
     tiers = list({r.tier.name: r.tier for r in rows}.values())
-    configs = list({r.config_key: r for r in rows}.values())
+    configs = list({(r.config_key, r.profile): r for r in rows}.values())
     seed_only = all(r.source == "seed" for r in rows)
     table = Table(title="$ per 1M tokens (input · output) at SLO capacity", show_lines=True)
     table.add_column("config (model · scheme · TP · GPUs)", overflow="fold")
     for tier in tiers:
         table.add_column(_tier_header(tier, seed_only), overflow="fold")
-    cells = {(r.config_key, r.tier.name): r for r in rows}
+    cells = {(r.config_key, r.profile, r.tier.name): r for r in rows}
     for config in configs:
         label = config.label + (" [dim](seed file)[/]" if config.source == "seed" else "")
-        table.add_row(label, *[_cell(cells[config.config_key, t.name]) for t in tiers])
+        table.add_row(label, *[_cell(cells[config.config_key, config.profile, t.name]) for t in tiers])
     console.print(table)
     rate = (f"--hourly-rate ${params.hourly_rate_usd:g}/h per GPU (per server for seed files)"
             if params.hourly_rate_usd is not None
@@ -315,6 +315,7 @@ def main(argv: Sequence[str] | None = None, out: Console | None = None, err: Con
 
 def _write(path: str, option: str, text: str) -> None:
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise InputError(path, None, option, f"cannot write: {exc.strerror or exc}") from None

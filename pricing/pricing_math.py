@@ -75,6 +75,7 @@ class PriceRow(_Frozen):
 
     source: Literal["probe", "seed"] = "probe"
     config_key: str
+    profile: str = ""  # traffic profile the capacity was measured with: prices differ per profile
     model: str
     scheme: str
     tp: int
@@ -118,7 +119,8 @@ class PriceRow(_Frozen):
 
     @property
     def label(self) -> str:
-        return f"{self.model} · {self.scheme} · TP{self.tp} · {self.gpu_count}x{self.gpu_name}"
+        where = f" · {self.profile}" if self.profile else ""
+        return f"{self.model} · {self.scheme} · TP{self.tp} · {self.gpu_count}x{self.gpu_name}{where}"
 
 
 # ----------------------------------------------------------------------------------- SLO verdicts
@@ -283,7 +285,7 @@ def per_mtok(split: SplitResult) -> PricePair:
 
 
 def mark_cheapest(rows: Sequence[PriceRow]) -> list[PriceRow]:
-    """Mark the cheapest feasible row per (source, tier).
+    """Mark the cheapest feasible row per (source, tier, traffic profile).
 
     Probe rows compare cost per request at capacity; seed rows (no request counts) compare the
     output price, which the seed calculator ranked by.
@@ -295,7 +297,7 @@ def mark_cheapest(rows: Sequence[PriceRow]) -> list[PriceRow]:
         value = row.cost_usd_per_request if row.source == "probe" else row.output_usd_per_mtok
         if value is None:
             continue
-        key = (row.source, row.tier.name)
+        key = (row.source, row.tier.name, row.profile)
         if key not in best or value < best[key][0]:
             best[key] = (value, i)
     winners = {i for _, i in best.values()}
@@ -348,10 +350,10 @@ def _price_at_rate(gpu_rate_usd_h: float, cap: SourcedProbe, prefill: SourcedPro
 
 
 def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog, params: PricingParams) -> PriceRow:
-    """The price row of one config (all `probes` share config.key) for one tier."""
+    """The price row of one config (all `probes` share config.key and profile) for one tier."""
     cfg = probes[0].record.config
     n = params.replicas
-    base = dict(config_key=cfg.key, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp, gpu_name=cfg.gpu_name,
+    base = dict(config_key=cfg.key, profile=probes[0].record.profile.name, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp, gpu_name=cfg.gpu_name,
                 gpu_count=cfg.gpu_count, replicas=n, tier=tier, split=params.split)
     cap = pick_capacity(probes, tier)
     if cap is None:
@@ -405,10 +407,11 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     )
 
 
-def group_by_config(probes: Sequence[SourcedProbe]) -> dict[str, list[SourcedProbe]]:
-    groups: dict[str, list[SourcedProbe]] = {}
+def group_by_config(probes: Sequence[SourcedProbe]) -> dict[tuple[str, str], list[SourcedProbe]]:
+    """Probes of one config measured with one traffic profile: capacity is only comparable within."""
+    groups: dict[tuple[str, str], list[SourcedProbe]] = {}
     for probe in probes:
-        groups.setdefault(probe.record.config.key, []).append(probe)
+        groups.setdefault((probe.record.config.key, probe.record.profile.name), []).append(probe)
     return groups
 
 

@@ -22,13 +22,14 @@ class ParsedStream:
 
 
 def _carries_output(choice: dict, chat: bool) -> bool:
-    """Text (or a finish) counts; chat's first role-only delta does not, or TTFT would skip prefill."""
+    """One event per generated step counts, even with empty text (a token that is part of a
+    multi-byte character decodes to ""). Chat's role-only first delta does not: it is sent
+    before prefill ends, and counting it would hide prefill from TTFT."""
     if chat:
         delta = choice.get("delta") or {}
-        text = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
-    else:
-        text = choice.get("text")
-    return bool(text) or choice.get("finish_reason") is not None
+        if "role" in delta and not (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")):
+            return choice.get("finish_reason") is not None
+    return True
 
 
 def parse_stream(reads_ns: list[int], reads: list[bytes], chat: bool = False) -> ParsedStream:
@@ -68,5 +69,5 @@ def _apply_event(out: ParsedStream, obj: dict, stamp: int, chat: bool) -> None:
     if usage := obj.get("usage"):
         out.prompt_tokens = usage.get("prompt_tokens", out.prompt_tokens)
         out.completion_tokens = usage.get("completion_tokens", out.completion_tokens)
-    if any(_carries_output(c, chat) for c in obj.get("choices") or ()):
+    if any(_carries_output(c, chat) for c in obj.get("choices") or ()):  # usage-only events have no choices
         out.chunk_ns.append(stamp)

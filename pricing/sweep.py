@@ -81,6 +81,8 @@ def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult)
         profile=spec.profile,
         load=load,
         stats=result.stats,
+        energy=result.energy,
+        server_metrics=result.server_metrics,
         tiers_passed=passed,
         note=result.aborted,
     )
@@ -95,7 +97,7 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
         events.probe_finished(rec, reused=True)
     tier_names = [t.name for t in spec.tiers]
     next_index = max((r.probe_index for r in mine), default=-1) + 1
-    probes_run, stopped = 0, None
+    probes_run, stopped, server_failed = 0, None, False
 
     def histories():
         decode = [r for r in done.values() if r.load.kind == "decode" and (r.note is None or _aborted_by_time(r))]
@@ -121,10 +123,13 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
         record = await measure(level, "decode")
         if record.stats.completed == 0 and not _aborted_by_time(record):
             stopped = f"probe at {spec.mode} load {level:g} completed no request: {record.note}"
+            server_failed = True
             break
 
     capacity = {name: capacity_level(h) for name, h in histories().items()}
-    if spec.prefill_probes and stopped is None:
+    # Prefill probes for the capacities known so far, also when the budget ran out: without
+    # them the pricer can only fall back to a fixed ratio.
+    if spec.prefill_probes and not server_failed:
         for level in sorted({c for c in capacity.values() if c is not None}):
             if ("prefill", level) not in done:
                 await measure(level, "prefill")

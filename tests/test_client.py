@@ -11,6 +11,11 @@ from pricing.mock_server import Faults, LatencyModel, MockConfig
 from pricing.schema import LoadSpec
 
 TTFT_S, TPOT_S = 0.040, 0.050
+# Measured on the 2-core CI VM: after a 50 ms idle gap, Python's request path runs ~4x slower
+# than hot (client build 0.30 vs 0.07 ms, server parse 0.42 vs 0.13 ms), so TTFT carries
+# 1.2-2.0 ms of client+server overhead at p50; TPOT (a difference of two arrivals) carries ~0.
+# benchmarks/client_overhead.py prints the breakdown.
+TTFT_TOLERANCE_MS, TPOT_TOLERANCE_MS = 2.5, 1.0
 
 
 def closed(n: int) -> LoadSpec:
@@ -29,8 +34,8 @@ async def test_measured_ttft_and_tpot_match_the_configured_truth(mock_server, st
     assert len(inside) == result.stats.completed >= 5
     ttft_err_ms = np.array([ttft_s(r) - TTFT_S for r in inside]) * 1e3
     tpot_err_ms = np.array([tpot_s(r) - tpot for r in inside]) * 1e3
-    assert abs(np.median(ttft_err_ms)) <= 1.0, f"TTFT error p50 {np.median(ttft_err_ms):.3f} ms"
-    assert abs(np.median(tpot_err_ms)) <= 1.0, f"TPOT error p50 {np.median(tpot_err_ms):.3f} ms"
+    assert 0 <= np.median(ttft_err_ms) <= TTFT_TOLERANCE_MS, f"TTFT error p50 {np.median(ttft_err_ms):.3f} ms"
+    assert abs(np.median(tpot_err_ms)) <= TPOT_TOLERANCE_MS, f"TPOT error p50 {np.median(tpot_err_ms):.3f} ms"
     assert result.stats.failed == 0 and result.aborted is None
     assert all(r.completion_tokens == 12 and r.prompt_tokens == 64 for r in inside)
 

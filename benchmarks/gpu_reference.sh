@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Reference runs on a lent GPU host (device tool), after the offline vLLM bundle is unpacked to
+# /root/vllm-site. Servers are started detached (setsid) so sweeps can resume across calls.
+#   bash benchmarks/gpu_reference.sh serve NAME MODEL SCHEME TP GPUS PORT   # start, wait for /health
+#   bash benchmarks/gpu_reference.sh sweep NAME PROFILE [bench args...]       # attach, sweep, resume
+#   bash benchmarks/gpu_reference.sh peer NAME ISL OSL CONCURRENCY PROMPTS    # vllm bench serve + our probe
+#   bash benchmarks/gpu_reference.sh stop NAME
+set -euo pipefail
+export PYTHONPATH=/root/vllm-site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 \
+    TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+STATE=/root/servers
+MAX_MODEL_LEN=${MAX_MODEL_LEN:-8192}
+mkdir -p "$STATE" /root/models
+cmd=$1; shift
+
+case "$cmd" in
+serve)
+    name=$1 model=$2 scheme=$3 tp=$4 gpus=$5 port=$6
+    dir=$(python3 -c "from pathlib import Path; from pricing.bench import prepare_model; print(prepare_model('$model', '$scheme', Path('/root/models')).model)")
+    printf '%s\n' "$model" "$scheme" "$tp" "$gpus" "$port" "$dir" > "$STATE/$name.conf"
+    CUDA_VISIBLE_DEVICES=$gpus setsid nohup python3 -m vllm.entrypoints.openai.api_server --model "$dir" \
+        --load-format dummy --tensor-parallel-size "$tp" --port "$port" --max-model-len "$MAX_MODEL_LEN" \
+        --served-model-name "$model" > "/root/$name.log" 2>&1 &
+    echo $! > "$STATE/$name.pid"
+    ;;
+wait)
+    for name in "$@"; do
+        port=$(sed -n 5p "$STATE/$name.conf")
+        for _ in $(seq 1 300); do
+            python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null \
+                && { echo "$name healthy after ${SECONDS}s"; break; }
+            kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null || { echo "$name died"; tail -30 "/root/$name.log"; exit 1; }
+            sleep 1
+        done
+    done
+    ;;
+sweep)
+    name=$1 profile=$2; shift 2
+    mapfile -t c < "$STATE/$name.conf"  # model scheme tp gpus port dir
+    CUDA_VISIBLE_DEVICES=${c[3]} python3 -m pricing.bench --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" \
+        --scheme "${c[1]}" --tp "${c[2]}" --profile "$profile" --max-model-len "$MAX_MODEL_LEN" \
+        --out "benchmark_results/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu()[0])').jsonl" "$@"
+    ;;
+peer)
+    name=$1 isl=$2 osl=$3 conc=$4 prompts=$5
+    mapfile -t c < "$STATE/$name.conf"
+    python3 -m vllm.entrypoints.cli.main bench serve --backend vllm --base-url "http://127.0.0.1:${c[4]}" \
+        --model "${c[0]}" --tokenizer "${c[5]}" --dataset-name random --random-input-len "$isl" \
+        --random-output-len "$osl" --ignore-eos --max-concurrency "$conc" --num-prompts "$prompts" \
+        --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --save-result --save-detailed \
+        --result-dir "${OUT:-/tmp}" --result-filename "peer_vllm_bench_${name}_c${conc}.json"
+    ;;
+stop)
+    for name in "$@"; do kill -TERM -- "-$(cat "$STATE/$name.pid")" 2>/dev/null || true; done
+    sleep 10
+    for name in "$@"; do kill -KILL -- "-$(cat "$STATE/$name.pid")" 2>/dev/null || true; done
+    ;;
+*)
+    echo "unknown command $cmd" >&2; exit 2 ;;
+esac
