@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import os
 import re
 import shutil
 import subprocess
@@ -79,14 +80,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_model(model: str, scheme: str, models_dir: Path):
-    """Shapes get a folder (with the scheme's quantization config when not base); others as given."""
-    if model in SHAPES and scheme != "base":
+REPO = Path(__file__).resolve().parents[1]
+# llmcompressor lives in its own virtualenv (its pins clash with vLLM's): see `make quant-env`.
+QUANT_PYTHON = os.environ.get("QUANT_PYTHON", str(REPO / ".venv-quant" / "bin" / "python"))
+
+
+def prepare_model(model: str, scheme: str, models_dir: Path, checkpoints_dir: Path = Path("checkpoints")):
+    """What to serve for (model, scheme): shapes get a folder (with the scheme's quantization
+    config and dummy weights when not base); a real model with a scheme is quantized first
+    (once: an existing valid checkpoint is reused); base models are used as given."""
+    if scheme == "base":
+        return resolve_model(model, models_dir)
+    if model in SHAPES:
         from pricing.quantize import shape_quantization_config
 
         folder = write_shape(model, models_dir / f"{model}-{scheme}", shape_quantization_config(scheme))
         return resolve_model(str(folder), models_dir)
-    return resolve_model(model, models_dir)
+    checkpoint = checkpoints_dir / f"{Path(model).name}-{scheme}"
+    quantize_checkpoint(model, scheme, checkpoint)
+    return resolve_model(str(checkpoint), models_dir)
+
+
+def quantize_checkpoint(model: str, scheme: str, checkpoint: Path) -> None:
+    """Run the quantizer in its own venv; it prints progress and reuses a valid checkpoint."""
+    if not Path(QUANT_PYTHON).exists():
+        raise FileNotFoundError(f"{QUANT_PYTHON} not found: run `make quant-env` (llmcompressor's own venv) to quantize {model}")
+    cmd = [QUANT_PYTHON, "-m", "pricing.quantize", "--model", model, "--scheme", scheme, "-o", str(checkpoint)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise ValueError(f"quantizing {model} to {scheme} failed (see the line above); nothing was served")
 
 
 def _tiers(names: list[str] | None):

@@ -230,8 +230,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="USD per GPU-hour replacing the catalog rate (seed files: per server-hour C, default 5)")
     p.add_argument("--replicas", type=int, default=1, help="servers behind one endpoint (scales capacity and cost)")
     p.add_argument("--region", help="region for energy price and carbon (catalog default when omitted)")
-    p.add_argument("--no-energy-cost", action="store_true",
-                   help="do not add measured energy x $/kWh to the hourly cost (cloud rates already include power)")
+    p.add_argument("--energy-cost", action="store_true",
+                   help="self-hosted: add measured energy x $/kWh to the hourly cost (cloud rates already include power)")
     p.add_argument("--profile", help="traffic profile name for the ISL/OSL histograms of the HTML report")
     p.add_argument("--html", help="write a self-contained Plotly HTML report here")
     p.add_argument("--json", help="write every price row here (PricesFile)")
@@ -244,7 +244,7 @@ def _params(args: argparse.Namespace, catalog: Catalog) -> PricingParams:
         raise InputError("--region", None, args.region, f"unknown region; known: {', '.join(sorted(catalog.regions))}")
     values = dict(split=args.split, ratio=args.ratio, utilization=args.utilization, margin=args.margin,
                   pricing_tier=args.pricing_tier, hourly_rate_usd=args.hourly_rate, replicas=args.replicas,
-                  region=args.region, energy_cost=not args.no_energy_cost)
+                  region=args.region, energy_cost=args.energy_cost)
     try:
         return PricingParams.model_validate(values)
     except ValidationError as exc:

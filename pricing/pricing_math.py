@@ -34,7 +34,7 @@ class PricingParams(_Frozen):
     hourly_rate_usd: float | None = Field(default=None, ge=0)  # per GPU for probes, per server for seed files
     replicas: int = Field(default=1, ge=1)
     region: str | None = None  # energy price and carbon region; the catalog's default when None
-    energy_cost: bool = True  # add measured energy x $/kWh to the hourly cost
+    energy_cost: bool = False  # self-hosted: add measured energy x $/kWh (cloud rates include power)
 
 
 @dataclass(frozen=True)

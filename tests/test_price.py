@@ -107,7 +107,7 @@ def test_ratio_split_and_utilization_margin():
 
 
 def test_prefill_falls_back_to_ratio_with_warning_and_energy():
-    row = rows_by(price_records(config_b(), [BASELINE], CATALOG))["L4", "Baseline"]
+    row = rows_by(price_records(config_b(), [BASELINE], CATALOG, PricingParams(energy_cost=True)))["L4", "Baseline"]
     energy_usd_h = 70 / 1000 * CATALOG.regions["us-average"].usd_per_kwh
     c = (L4 + energy_usd_h) / (3600 * 2.0)
     assert row.split == "prefill" and row.split_used == "ratio"
@@ -119,7 +119,7 @@ def test_prefill_falls_back_to_ratio_with_warning_and_energy():
     assert 500 * e.input_kwh_per_mtok + 100 * e.output_kwh_per_mtok == pytest.approx(kwh_req * 1e6)
     assert e.output_kwh_per_mtok == pytest.approx(kwh_req * 4 / 900 * 1e6)
     assert e.output_gco2e_per_mtok["eu-france"] == pytest.approx(e.output_kwh_per_mtok * 56)
-    no_energy = price_records(config_b(), [BASELINE], CATALOG, PricingParams(energy_cost=False))[0]
+    no_energy = price_records(config_b(), [BASELINE], CATALOG)[0]  # default: cloud rates include power
     assert no_energy.hourly_cost_usd == pytest.approx(L4)
 
 

@@ -340,3 +340,18 @@ def test_vllm_cpu_serves_w8a8(checkpoints, work):
                 proc.wait()
     assert answer["usage"]["completion_tokens"] == 4 and answer["choices"][0]["text"].strip()
     assert "CPUInt8ScaledMMLinearKernel" in log_path.read_text()  # the int8 kernel, not a fallback
+
+
+@needs_quant_env
+def test_bench_quantizes_a_real_model_once_then_reuses_it(tiny_model, work):
+    """`make bench MODEL=<folder> QUANT=fp8` path: the checkpoint is made, then reused."""
+    from pricing.bench import prepare_model
+
+    out_dir = work / "bench_checkpoints"
+    first = prepare_model(str(tiny_model), "fp8", work / "models", out_dir)
+    config = json.loads((Path(first.model) / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert first.load_format == "auto" and Path(first.model).parent == out_dir
+    mtime = (Path(first.model) / "config.json").stat().st_mtime
+    again = prepare_model(str(tiny_model), "fp8", work / "models", out_dir)
+    assert again.model == first.model and (Path(first.model) / "config.json").stat().st_mtime == mtime
