@@ -55,3 +55,14 @@ def from_validation_error(file: str, line: int | None, exc: ValidationError, pre
 def format_error(err: InputError) -> str:
     """The line a CLI prints for `err`."""
     return f"error: {err}"
+
+
+def write_output(path: str, option: str, text: str) -> None:
+    """Write a CLI output file (creating its folder); an OSError becomes a one-line InputError."""
+    from pathlib import Path
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(path, None, option, f"cannot write: {exc.strerror or exc}") from None

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from pricing.catalog import PRICING_TIERS, Catalog, PricingTier, gpu_rate_usd_h, load_catalog
-from pricing.errors import EXIT_INPUT_ERROR, InputError, format_error, from_validation_error
+from pricing.errors import EXIT_INPUT_ERROR, InputError, format_error, from_validation_error, write_output
 from pricing.plan_choices import (
     ESTIMATE_FORMULA,
     BudgetPlan,
@@ -309,25 +309,17 @@ def main(argv: Sequence[str] | None = None, out: Console | None = None, err: Con
         for warning in plan.warnings:
             err.print(f"warning: {warning}", markup=False)
         if args.json:
-            _write(args.json, "--json", plan.model_dump_json(indent=2))
+            write_output(args.json, "--json", plan.model_dump_json(indent=2))
         if args.html:
             from pricing.report import plan_section_html
 
             page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>vLLM cost plan</title></head><body>"
                     f"{plan_section_html(plan)}</body></html>")
-            _write(args.html, "--html", page)
+            write_output(args.html, "--html", page)
     except InputError as exc:
         err.print(format_error(exc), markup=False)
         return EXIT_INPUT_ERROR
     return 0
-
-
-def _write(path: str, option: str, text: str) -> None:
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise InputError(path, None, option, f"cannot write: {exc.strerror or exc}") from None
 
 
 __all__ = ["ESTIMATE_FORMULA", "PlanFile", "PlanOptions", "build_plan", "choose_config", "main", "run"]

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pricing.catalog import PRICING_TIERS, Catalog, load_catalog, unknown_gpu_error
-from pricing.errors import EXIT_INPUT_ERROR, InputError, format_error, from_validation_error
+from pricing.errors import EXIT_INPUT_ERROR, InputError, format_error, from_validation_error, write_output
 from pricing.pricing_math import (
     PriceRow,
     PricingParams,
@@ -301,24 +301,16 @@ def main(argv: Sequence[str] | None = None, out: Console | None = None, err: Con
             document = PricesFile(generated_utc=datetime.now(UTC).isoformat(timespec="seconds"), params=params,
                                   tiers=list(tiers), catalog_note=catalog.meta.note, errors=[str(e) for e in errors],
                                   rows=rows)
-            _write(args.json, "--json", document.model_dump_json(indent=2))
+            write_output(args.json, "--json", document.model_dump_json(indent=2))
         if args.html:
             from pricing.report import build_report_html
 
             profile = _load_profile(args.profile, err)
-            _write(args.html, "--html", build_report_html(rows, probes, tiers, params, catalog, profile=profile))
+            write_output(args.html, "--html", build_report_html(rows, probes, tiers, params, catalog, profile=profile))
     except InputError as exc:
         err.print(format_error(exc), markup=False)
         return EXIT_INPUT_ERROR
     return EXIT_INPUT_ERROR if errors else 0
-
-
-def _write(path: str, option: str, text: str) -> None:
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise InputError(path, None, option, f"cannot write: {exc.strerror or exc}") from None
 
 
 if __name__ == "__main__":
