@@ -39,7 +39,7 @@ def fig_latency(probes: Sequence[SourcedProbe], tiers: Sequence[SloTier]) -> go.
         group = sorted(group, key=lambda p: p.record.stats.output_tok_s)
         line = {"color": palette[i % len(palette)]}
         x = [p.record.stats.output_tok_s for p in group]
-        name = _label(group[0].record.config)
+        name = f"{_label(group[0].record.config)} · {group[0].record.profile.name}"
         ttft = [p.record.stats.ttft_s.p90 for p in group]
         tpot = [None if p.record.stats.tpot_s.p90 is None else p.record.stats.tpot_s.p90 * 1000 for p in group]
         fig.add_trace(go.Scatter(x=x, y=ttft, mode="lines+markers", name=name, legendgroup=name, line=line),
@@ -61,8 +61,9 @@ def fig_price_heatmap(rows: Sequence[PriceRow]) -> go.Figure:
     tiers = list(dict.fromkeys(r.tier.name for r in rows))
     configs = list(dict.fromkeys(r.label for r in rows))
     cells = {(r.label, r.tier.name): r for r in rows}
+    # One shared row axis: the labels stand once, left of both heatmaps.
     fig = make_subplots(rows=1, cols=2, subplot_titles=("$ per 1M input tokens", "$ per 1M output tokens"),
-                        horizontal_spacing=0.25)
+                        shared_yaxes=True, horizontal_spacing=0.04)
     for col, attr in ((1, "input_usd_per_mtok"), (2, "output_usd_per_mtok")):
         z = [[getattr(cells[c, t], attr) if (c, t) in cells and cells[c, t].feasible else None for t in tiers]
              for c in configs]
