@@ -10,12 +10,12 @@ from pricing.metrics import tpot_s, ttft_s
 from pricing.mock_server import Faults, LatencyModel, MockConfig
 from pricing.schema import LoadSpec
 
-TTFT_S, TPOT_S = 0.040, 0.050
+TTFT_S, TPOT_S = 0.040, 0.020
 # Measured on the 2-core CI VM: after a 50 ms idle gap, Python's request path runs ~4x slower
 # than hot (client build 0.30 vs 0.07 ms, server parse 0.42 vs 0.13 ms), so TTFT carries
-# 1.2-2.0 ms of client+server overhead at p50; TPOT (a difference of two arrivals) carries ~0.
+# 1.1-2.0 ms of client+server overhead at p50; TPOT (a difference of two arrivals) carries ~0.
 # benchmarks/client_overhead.py prints the breakdown.
-TTFT_TOLERANCE_MS, TPOT_TOLERANCE_MS = 2.5, 1.0
+TTFT_TOLERANCE_MS, TPOT_TOLERANCE_MS = 3.0, 1.0
 
 
 def closed(n: int) -> LoadSpec:
@@ -28,10 +28,12 @@ async def test_measured_ttft_and_tpot_match_the_configured_truth(mock_server, st
     tpot = TPOT_S if streams < 512 else 0.100
     mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=TTFT_S, tpot_base_s=tpot)))
     cfg = ClientConfig(base_url=mock.url, model="mock-model")
-    plan = ProbePlan(min_window_s=1.0, min_requests=5, ramp_up_s=1.0 if streams > 1 else 0)
+    # The window must outlast a request several times over, or the requests inside it are only
+    # those issued at its opening (the last workers' herd), a biased sample.
+    plan = ProbePlan(min_window_s=3.0, min_requests=15, ramp_up_s=1.0 if streams > 1 else 0)
     result = await run_probe(cfg, closed(streams), itertools.repeat((64, 12)), plan)
     inside = [r for r in result.records if r.ok and result.window_start_ns <= r.start_ns and r.end_ns <= result.window_end_ns]
-    assert len(inside) == result.stats.completed >= 5
+    assert len(inside) == result.stats.completed >= 15
     ttft_err_ms = np.array([ttft_s(r) - TTFT_S for r in inside]) * 1e3
     tpot_err_ms = np.array([tpot_s(r) - tpot for r in inside]) * 1e3
     assert 0 <= np.median(ttft_err_ms) <= TTFT_TOLERANCE_MS, f"TTFT error p50 {np.median(ttft_err_ms):.3f} ms"
