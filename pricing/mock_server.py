@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import subprocess
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}", help="MockConfig as JSON")
     args = parser.parse_args(argv)
     cfg = MockConfig.model_validate_json(args.config)
+    gc.disable()  # collector pauses of several ms would show up as latency the model did not ask for
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(cfg, args.host, args.port))
 
