@@ -15,7 +15,7 @@ TTFT_S, TPOT_S = 0.040, 0.020
 # than hot (client build 0.30 vs 0.07 ms, server parse 0.42 vs 0.13 ms), so TTFT carries
 # 1.1-2.0 ms of client+server overhead at p50; TPOT (a difference of two arrivals) carries ~0.
 # benchmarks/client_overhead.py prints the breakdown.
-TTFT_TOLERANCE_MS, TPOT_TOLERANCE_MS = 3.0, 1.0
+TTFT_TOLERANCE_MS, TPOT_TOLERANCE_MS = 4.0, 1.0  # 2x the worst p50 seen, to keep CI stable
 
 
 def closed(n: int) -> LoadSpec:
