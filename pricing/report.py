@@ -189,11 +189,35 @@ def fig_profile(hists: dict[str, Hist], title: str) -> go.Figure:
     return fig
 
 
+def fig_ttft_client_vs_server(probes: Sequence[SourcedProbe]) -> go.Figure | None:
+    """Client-side p90 TTFT against vLLM's own (its /metrics histogram over the same probe): the
+    gap is queueing before the engine plus the network and client; the diagonal is agreement."""
+    points = [(p, p.record.server_metrics["server_ttft_p90_s"]) for p in probes
+              if p.record.load.kind == "decode" and p.record.stats.ttft_s.p90 is not None
+              and p.record.server_metrics and "server_ttft_p90_s" in p.record.server_metrics]
+    if not points:
+        return None
+    fig = go.Figure()
+    for i, group in enumerate(group_by_config([p for p, _ in points]).values()):
+        server = {id(p): v for p, v in points}
+        name = f"{_label(group[0].record.config)} · {group[0].record.profile.name}"
+        fig.add_trace(go.Scatter(
+            x=[server[id(p)] for p in group], y=[p.record.stats.ttft_s.p90 for p in group], mode="markers",
+            name=name, marker={"color": qualitative.Plotly[i % len(qualitative.Plotly)], "size": 9},
+            text=[f"load {p.record.load.level:g}" for p in group]))
+    top = max(max(v, p.record.stats.ttft_s.p90) for p, v in points)
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line={"dash": "dot", "color": "gray"},
+                             name="client = server"))
+    fig.update_layout(title="TTFT p90: client-side against server-side (vLLM /metrics, bucketed)",
+                      xaxis_title="server TTFT p90 (s)", yaxis_title="client TTFT p90 (s)", height=420)
+    return fig
+
+
 def build_figures(rows: Sequence[PriceRow], probes: Sequence[SourcedProbe], tiers: Sequence[SloTier],
                   profile: Any = None) -> list[go.Figure]:
     """Every figure that has data, in page order."""
     figures = [fig_latency(probes, tiers), fig_price_heatmap(rows), fig_pricing_tiers(rows),
-               fig_cost_throughput(rows), fig_energy(rows)]
+               fig_cost_throughput(rows), fig_energy(rows), fig_ttft_client_vs_server(probes)]
     hists = profile_histograms(profile)
     title = f"Traffic profile {getattr(profile, 'name', '')}".strip()
     if hists is None and probes:

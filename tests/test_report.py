@@ -101,3 +101,21 @@ def test_report_renders_in_headless_chromium(tmp_path, report_html):
     assert ImageStat.Stat(image).var[0] > 200  # not blank
     top = image.crop((0, 0, image.width, 1200))
     assert ImageStat.Stat(top).var[0] > 200  # the first plots drew something
+
+
+def test_client_vs_server_ttft_figure_only_when_scraped():
+    from pathlib import Path
+
+    from pricing.pricing_math import SourcedProbe
+    from pricing.report import fig_ttft_client_vs_server
+    from pricing.schema import ProbeRecord
+
+    lines = Path(__file__).parent.joinpath("fixtures", "pricing_probes.jsonl").read_text().splitlines()
+    records = [ProbeRecord.model_validate_json(line) for line in lines]
+    record = next(r for r in records if r.load.kind == "decode" and r.stats.ttft_s.p90 is not None)
+    bare = record.model_copy(update={"server_metrics": None})
+    assert fig_ttft_client_vs_server([SourcedProbe(bare, "f", 1)]) is None
+    scraped = record.model_copy(update={"server_metrics": {"server_ttft_p90_s": 0.123}})
+    fig = fig_ttft_client_vs_server([SourcedProbe(scraped, "f", 1)])
+    assert fig is not None and list(fig.data[0].x) == [0.123]
+    assert list(fig.data[0].y) == [record.stats.ttft_s.p90]
