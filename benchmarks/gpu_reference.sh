@@ -39,7 +39,7 @@ sweep)
     mapfile -t c < "$STATE/$name.conf"  # model scheme tp gpus port dir
     CUDA_VISIBLE_DEVICES=${c[3]} python3 -m pricing.bench --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" \
         --scheme "${c[1]}" --tp "${c[2]}" --profile "$profile" --max-model-len "$MAX_MODEL_LEN" \
-        --out "benchmark_results/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu()[0])').jsonl" "$@"
+        --out "benchmark_results/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu())').jsonl" "$@"
     ;;
 peer)
     name=$1 isl=$2 osl=$3 conc=$4 prompts=$5

@@ -41,15 +41,15 @@ GPU_NAMES = (
 )
 
 
-def detect_gpu() -> tuple[str, int]:
-    """(catalog name, count) of the visible GPUs; ("cpu", 1) without any."""
+def detect_gpu() -> str:
+    """Catalog name of the first visible GPU; "cpu" without any. (A server's GPU count is its TP.)"""
     if shutil.which("nvidia-smi") is None:
-        return "cpu", 1
+        return "cpu"
     out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
     names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
     if out.returncode != 0 or not names:
-        return "cpu", 1
-    return next((key for pattern, key in GPU_NAMES if re.search(pattern, names[0])), names[0]), len(names)
+        return "cpu"
+    return next((key for pattern, key in GPU_NAMES if re.search(pattern, names[0])), names[0])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     tiers = _tiers(args.tier)
     profile = load_profile(args.profile)
     resolved = prepare_model(args.model, args.scheme, args.models_dir) if not args.url else None
-    gpu_name = detect_gpu()[0] if args.gpu == "auto" else args.gpu
+    gpu_name = detect_gpu() if args.gpu == "auto" else args.gpu
     model_label = Path(args.model).name if args.model not in SHAPES else args.model
     out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
 

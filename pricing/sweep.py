@@ -9,7 +9,7 @@ split needs.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Protocol
@@ -140,6 +140,3 @@ def _aborted_by_time(rec: ProbeRecord) -> bool:
     """A probe whose window never filled (too slow for max_duration_s) is an honest fail, not an error."""
     return rec.note is not None and rec.note.startswith("max_duration_s")
 
-
-def summary_rows(outcome: SweepOutcome, tiers: Sequence[SloTier]) -> list[tuple[str, str]]:
-    return [(t.name, "none passes" if outcome.capacity_level[t.name] is None else f"{outcome.capacity_level[t.name]:g}") for t in tiers]
