@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # Reference runs on a lent GPU host (device tool), after the offline vLLM bundle is unpacked to
-# /root/vllm-site. Servers are started detached (setsid) so sweeps can resume across calls.
-#   bash benchmarks/gpu_reference.sh serve NAME MODEL SCHEME TP GPUS PORT   # start, wait for /health
+# /root/vllm-site (and llmcompressor's to /root/llmcompressor-site for `quantize`). Servers and
+# quantization run detached (setsid), so they outlive the call that started them; results live in
+# /root/results, outside the checkout (which the device tool re-sends each call).
+#   bash benchmarks/gpu_reference.sh quantize NAME SHAPE SCHEME GPUS [pricing.quantize args...]
+#        random-weight SHAPE model, then a real llmcompressor checkpoint at /root/checkpoints/NAME
+#   bash benchmarks/gpu_reference.sh serve NAME MODEL SCHEME TP GPUS PORT [LABEL]   # start detached
+#   bash benchmarks/gpu_reference.sh wait NAME...                                    # until /health
 #   bash benchmarks/gpu_reference.sh sweep NAME PROFILE [bench args...]       # attach, sweep, resume
-#   bash benchmarks/gpu_reference.sh peer NAME ISL OSL CONCURRENCY PROMPTS    # vllm bench serve + our probe
-#   bash benchmarks/gpu_reference.sh stop NAME
+#   bash benchmarks/gpu_reference.sh peer NAME ISL OSL CONCURRENCY PROMPTS    # vllm bench serve
+#   bash benchmarks/gpu_reference.sh stop NAME...
+#   bash benchmarks/gpu_reference.sh collect                 # results + logs -> $OUT/results.tgz
 set -euo pipefail
 export PYTHONPATH=/root/vllm-site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 \
     TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-STATE=/root/servers
+STATE=/root/servers RESULTS=/root/results
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-8192}
-mkdir -p "$STATE" /root/models
+mkdir -p "$STATE" "$RESULTS" /root/models /root/checkpoints
 cmd=$1; shift
 
 case "$cmd" in
+quantize)
+    name=$1 shape=$2 scheme=$3 gpus=$4; shift 4
+    snap=/root/snap-$name  # a copy of the code: the checkout may be replaced while this runs
+    rm -rf "$snap"; mkdir -p "$snap"; cp -r pricing benchmarks quant_recipes "$snap/"
+    cd "$snap"
+    # llmcompressor's own site, never beside vllm-site: their compressed-tensors differ.
+    CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=/root/llmcompressor-site:$snap setsid nohup bash -c \
+        "python3 benchmarks/random_model.py $shape /root/models/$shape-random && \
+         python3 -m pricing.quantize --model /root/models/$shape-random --scheme $scheme -o /root/checkpoints/$name $*" \
+        > "/root/$name-quant.log" 2>&1 &
+    ;;
 serve)
-    name=$1 model=$2 scheme=$3 tp=$4 gpus=$5 port=$6
-    dir=$(python3 -c "from pathlib import Path; from pricing.bench import prepare_model; print(prepare_model('$model', '$scheme', Path('/root/models')).model)")
-    printf '%s\n' "$model" "$scheme" "$tp" "$gpus" "$port" "$dir" > "$STATE/$name.conf"
+    name=$1 model=$2 scheme=$3 tp=$4 gpus=$5 port=$6 label=${7:-$(basename "$2")}
+    read -r dir load_format < <(python3 -c "from pathlib import Path; from pricing.bench import prepare_model; \
+r = prepare_model('$model', '$scheme', Path('/root/models')); print(r.model, r.load_format)")
+    printf '%s\n' "$label" "$scheme" "$tp" "$gpus" "$port" "$dir" > "$STATE/$name.conf"
     CUDA_VISIBLE_DEVICES=$gpus setsid nohup python3 -m vllm.entrypoints.openai.api_server --model "$dir" \
-        --load-format dummy --tensor-parallel-size "$tp" --port "$port" --max-model-len "$MAX_MODEL_LEN" \
-        --served-model-name "$model" > "/root/$name.log" 2>&1 &
+        --load-format "$load_format" --tensor-parallel-size "$tp" --port "$port" --max-model-len "$MAX_MODEL_LEN" \
+        --served-model-name "$label" > "/root/$name.log" 2>&1 &
     echo $! > "$STATE/$name.pid"
     ;;
 wait)
@@ -37,23 +55,26 @@ wait)
 sweep)
     name=$1 profile=$2; shift 2
     mapfile -t c < "$STATE/$name.conf"  # model scheme tp gpus port dir
-    CUDA_VISIBLE_DEVICES=${c[3]} python3 -m pricing.bench --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" \
+    exec env CUDA_VISIBLE_DEVICES=${c[3]} python3 -m pricing.bench --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" \
         --scheme "${c[1]}" --tp "${c[2]}" --profile "$profile" --max-model-len "$MAX_MODEL_LEN" \
-        --out "benchmark_results/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu())').jsonl" "$@"
+        --out "$RESULTS/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu())').jsonl" "$@"
     ;;
 peer)
     name=$1 isl=$2 osl=$3 conc=$4 prompts=$5
     mapfile -t c < "$STATE/$name.conf"
-    python3 -m vllm.entrypoints.cli.main bench serve --backend vllm --base-url "http://127.0.0.1:${c[4]}" \
+    exec python3 -m vllm.entrypoints.cli.main bench serve --backend vllm --base-url "http://127.0.0.1:${c[4]}" \
         --model "${c[0]}" --tokenizer "${c[5]}" --dataset-name random --random-input-len "$isl" \
         --random-output-len "$osl" --ignore-eos --max-concurrency "$conc" --num-prompts "$prompts" \
         --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --save-result --save-detailed \
-        --result-dir "${OUT:-/tmp}" --result-filename "peer_vllm_bench_${name}_c${conc}.json"
+        --result-dir "$RESULTS" --result-filename "peer_vllm_bench_${name}_c${conc}.json"
     ;;
 stop)
     for name in "$@"; do kill -TERM -- "-$(cat "$STATE/$name.pid")" 2>/dev/null || true; done
     sleep 10
     for name in "$@"; do kill -KILL -- "-$(cat "$STATE/$name.pid")" 2>/dev/null || true; done
+    ;;
+collect)
+    tar czf "${OUT:?}/results.tgz" -C /root results $(cd /root && ls ./*.log 2>/dev/null)
     ;;
 *)
     echo "unknown command $cmd" >&2; exit 2 ;;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -88,8 +89,11 @@ QUANT_PYTHON = os.environ.get("QUANT_PYTHON", str(REPO / ".venv-quant" / "bin" /
 def prepare_model(model: str, scheme: str, models_dir: Path, checkpoints_dir: Path = Path("checkpoints")):
     """What to serve for (model, scheme): shapes get a folder (with the scheme's quantization
     config and dummy weights when not base); a real model with a scheme is quantized first
-    (once: an existing valid checkpoint is reused); base models are used as given."""
+    (once: an existing valid checkpoint is reused); base models, and folders that already hold a
+    checkpoint of the scheme, are used as given."""
     if scheme == "base":
+        return resolve_model(model, models_dir)
+    if _quantized_as(model) == scheme:  # a checkpoint of this scheme already (e.g. from pricing.quantize)
         return resolve_model(model, models_dir)
     if model in SHAPES:
         from pricing.quantize import shape_quantization_config
@@ -99,6 +103,17 @@ def prepare_model(model: str, scheme: str, models_dir: Path, checkpoints_dir: Pa
     checkpoint = checkpoints_dir / f"{Path(model).name}-{scheme}"
     quantize_checkpoint(model, scheme, checkpoint)
     return resolve_model(str(checkpoint), models_dir)
+
+
+def _quantized_as(model: str) -> str | None:
+    """The scheme of a local folder's compressed-tensors quantization_config, or None."""
+    from pricing.quantize import scheme_of
+
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return scheme_of(config.get("quantization_config"))
 
 
 def quantize_checkpoint(model: str, scheme: str, checkpoint: Path) -> None:

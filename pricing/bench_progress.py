@@ -23,7 +23,15 @@ def describe_probe(rec: ProbeRecord) -> str:
         f"#{rec.probe_index} {describe_load(rec.load)}: {s.request_rate_rps:.2f} req/s, "
         f"{s.output_tok_s:.0f} out tok/s, p90 TTFT {ttft}, p90 TPOT {tpot}, errors {s.failed}; passes: {passed}"
         + (f" [{rec.note}]" if rec.note else "")
+        + _cache_warning(rec)
     )
+
+
+def _cache_warning(rec: ProbeRecord) -> str:
+    """Prompts are random, so vLLM's prefix cache should serve almost none of them; if it does,
+    something (another client, a replayed prompt set) is making TTFT look better than it is."""
+    hit = (rec.server_metrics or {}).get("prefix_cache_hit_frac")
+    return f" [prefix cache served {hit:.0%} of prompt tokens: TTFT understated]" if hit and hit > 0.05 else ""
 
 
 class ProbeProgress:

@@ -230,7 +230,7 @@ async def run_probe(
 async def _run_probe(cfg, load, pairs, plan: ProbePlan, on_record, clock) -> ProbeResult:
     state = _RunState(plan=plan, load=load, on_record=on_record)
     limit = load.concurrency or 0
-    prompts = PromptFactory(cfg, seed=cfg.seed)
+    prompts = PromptFactory(cfg)  # new token ids every probe: nothing for the prefix cache
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:

@@ -70,6 +70,14 @@ def _prompt_tokens(body: dict) -> int:
     return len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
 
 
+def _prompt_head(body: dict) -> str:
+    """The prompt's first 16 tokens (or words): equal heads would be prefix-cache hits in vLLM."""
+    if "messages" in body:
+        return " ".join(" ".join(str(m.get("content", "")) for m in body["messages"]).split()[:16])
+    prompt = body.get("prompt", "")
+    return " ".join(map(str, prompt[:16] if isinstance(prompt, list) else str(prompt).split()[:16]))
+
+
 def _chunk(rid: str, chat: bool, text: str, finish: str | None) -> bytes:
     if chat:
         choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
@@ -102,7 +110,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     isl, osl = _prompt_tokens(body), int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
     rid = f"mock-{n}"
     events: list[int] = []
-    state.timeline[rid] = {"recv_ns": recv_ns, "isl": isl, "osl": osl, "chunk_ns": events}
+    state.timeline[rid] = {"recv_ns": recv_ns, "isl": isl, "osl": osl, "head": _prompt_head(body), "chunk_ns": events}
     queued = state.slots.locked()
     async with state.slots:
         state.running += 1

@@ -45,7 +45,7 @@ def test_attached_sweep_against_the_mock_writes_valid_resumable_jsonl(mock_serve
 def test_make_bench_against_a_real_vllm_cpu_server(tmp_path):
     """`make bench` with the tiny shape: server starts, >= 3 probes, valid JSONL, clean shutdown."""
     out = tmp_path / "tiny_cpu.jsonl"
-    bench_args = (f"--profile fixed:128:32 --max-model-len 1024 --min-window-s 3 --min-requests 5 "
+    bench_args = (f"--profile fixed:300:32 --max-model-len 1024 --min-window-s 3 --min-requests 5 "
                   f"--max-probes 3 --tier Baseline --out {out} --models-dir {tmp_path / 'models'}")
     env = {**os.environ, "BENCH_ARGS": bench_args, "VENV": str(Path(sys.executable).parents[1])}
     cmd = ["flock", "/tmp/vllm.lock", "make", "-C", str(REPO), "bench", "MODEL=tiny-llama", "QUANT=base", "TP=1", "GPU=cpu"]
@@ -58,6 +58,21 @@ def test_make_bench_against_a_real_vllm_cpu_server(tmp_path):
     decode = [r for r in records if r.load.kind == "decode"]
     assert decode and all(r.stats.completed >= 5 and r.stats.failed == 0 for r in decode)
     assert all(r.config.vllm_version for r in records)
+    # every probe sends new random prompts: vLLM's prefix cache serves none of them
+    hits = [r.server_metrics["prefix_cache_hit_frac"] for r in records if (r.server_metrics or {}).get("prefix_cache_queries_tokens")]
+    assert hits and max(hits) < 0.05, hits
     # clean shutdown: no vLLM process left behind from this run
     left = subprocess.run(["pgrep", "-f", f"vllm.entrypoints.openai.api_server --model {tmp_path}"], capture_output=True)
     assert left.returncode == 1, left.stdout
+
+
+def test_probe_line_warns_when_the_prefix_cache_served_the_prompts():
+    from pricing.bench_progress import describe_probe
+    from pricing.schema import ProbeRecord
+
+    line = (Path(__file__).parent / "fixtures" / "pricing_probes.jsonl").read_text().splitlines()[0]
+    record = ProbeRecord.model_validate_json(line)
+    cold = record.model_copy(update={"server_metrics": {"prefix_cache_hit_frac": 0.01}})
+    warm = record.model_copy(update={"server_metrics": {"prefix_cache_hit_frac": 0.55}})
+    assert "prefix cache" not in describe_probe(cold)
+    assert "prefix cache served 55% of prompt tokens" in describe_probe(warm)

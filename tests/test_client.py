@@ -104,3 +104,18 @@ async def test_prefill_probe_asks_for_one_token(mock_server):
     result = await run_probe(cfg, load, itertools.repeat((300, 50)), ProbePlan(min_window_s=0.5, min_requests=10))
     assert all(r.completion_tokens == 1 for r in result.records if r.ok)
     assert result.stats.input_tok_s == pytest.approx(300 * result.stats.request_rate_rps, rel=0.2)
+
+
+async def test_probes_on_one_server_never_repeat_a_prompt(mock_server):
+    """Each probe draws new token ids: a replayed prompt would be a prefix-cache hit in vLLM
+    (the same seed every probe once made 50-99% of an H200 sweep's prompt tokens cache hits)."""
+    import json
+    import urllib.request
+
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.002, tpot_base_s=0.002)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=7)
+    for _ in range(2):
+        await run_probe(cfg, closed(4), itertools.repeat((64, 4)), ProbePlan(min_window_s=0.3, min_requests=10))
+    timeline = json.load(urllib.request.urlopen(f"{mock.url}/mock/timeline"))
+    heads = [t["head"] for t in timeline.values()]
+    assert len(heads) >= 20 and len(set(heads)) == len(heads)

@@ -355,3 +355,6 @@ def test_bench_quantizes_a_real_model_once_then_reuses_it(tiny_model, work):
     mtime = (Path(first.model) / "config.json").stat().st_mtime
     again = prepare_model(str(tiny_model), "fp8", work / "models", out_dir)
     assert again.model == first.model and (Path(first.model) / "config.json").stat().st_mtime == mtime
+    # the checkpoint itself, named with its scheme, is served as it is, not quantized again
+    as_is = prepare_model(first.model, "fp8", work / "models", work / "elsewhere")
+    assert as_is.model == first.model and as_is.load_format == "auto" and not (work / "elsewhere").exists()
