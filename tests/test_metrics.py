@@ -52,11 +52,34 @@ def test_window_excludes_warmup_and_drain_and_counts_throughput_inside():
     assert s.completed == 2
     assert s.failed == 1 and s.errors_by_kind == {"http_500": 1}
     assert s.ttft_s.count == 2 and s.ttft_s.mean == pytest.approx(0.1)
-    assert s.request_rate_rps == pytest.approx(2.0)  # two completions in one second
     # output tokens streamed inside: 2 + 3 + 1 (half of the straddling one) + 1 (cancelled)
     assert s.output_tok_s == pytest.approx(7.0)
+    # requests/s = token flow / mean output length of the completions inside (2 and 3 tokens)
+    assert s.request_rate_rps == pytest.approx(7.0 / 2.5)
+    assert s.input_tok_s == pytest.approx(7.0 / 2.5 * 100)
     assert s.input_tokens == 200 and s.output_tokens == 5
     assert s.error_rate == pytest.approx(1 / 3)
+
+
+def test_lockstep_closed_loop_rates_do_not_depend_on_where_the_window_falls():
+    """16 equal requests in lockstep, one round per 3.3 s (0.3 s prefill, then 300 tokens): a
+    15 s window holds 4 or 5 rounds of completions depending on its phase; the rates must not."""
+    n, period_ms, tokens = 16, 3300, 300
+    step = (period_ms - 300) / tokens
+    records = [
+        rec(k * period_ms, [k * period_ms + 300 + round(i * step) for i in range(tokens)], prompt=1800)
+        for k in range(12) for _ in range(n)
+    ]
+    true_rps = n / (period_ms / 1000)
+    rates, counts = [], []
+    for phase_ms in range(0, period_ms, 300):
+        w0 = (5000 + phase_ms) * MS
+        s = window_stats(records, w0, w0 + 15_000 * MS)
+        rates.append(s.request_rate_rps)
+        counts.append(sum(1 for r in records if w0 <= r.end_ns <= w0 + 15_000 * MS) / 15)
+        assert s.input_tok_s == pytest.approx(s.request_rate_rps * 1800)
+    assert max(counts) / min(counts) > 1.2  # counting completions would swing by a whole round
+    assert rates == pytest.approx([true_rps] * len(rates), rel=0.03)
 
 
 def test_slo_verdicts_pass_fail_and_missing_sample_fails():
