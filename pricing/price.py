@@ -153,7 +153,8 @@ def _cell(row: PriceRow) -> str:
     star = " [bold yellow]★ cheapest[/]" if row.cheapest else ""
     lines = [f"in {_usd(row.input_usd_per_mtok or 0)} · out {_usd(row.output_usd_per_mtok or 0)} /1M{star}"]
     if row.capacity_rps is not None:
-        lines.append(f"{row.capacity_rps:.3g} req/s · {row.capacity_output_tok_s or 0:,.0f} out tok/s")
+        at_least = "≥ " if row.capacity_lower_bound else ""
+        lines.append(f"{at_least}{row.capacity_rps:.3g} req/s · {row.capacity_output_tok_s or 0:,.0f} out tok/s")
     else:
         lines.append(f"{row.capacity_output_tok_s or 0:,.0f} out tok/s (batch {row.load_level:g})")
     if row.recovering is not None:

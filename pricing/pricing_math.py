@@ -91,6 +91,7 @@ class PriceRow(_Frozen):
     capacity_probe: str | None = None  # file:line
     prefill_probe: str | None = None
     load_level: float | None = None
+    capacity_lower_bound: bool = False  # no higher-load probe failed the tier: the real capacity may be higher
     capacity_rps: float | None = None
     capacity_input_tok_s: float | None = None
     capacity_output_tok_s: float | None = None
@@ -140,6 +141,22 @@ def tier_verdicts(stats: WindowStats, tier: SloTier) -> list[SloVerdict]:
 
 def meets_tier(stats: WindowStats, tier: SloTier) -> bool:
     return all(v.passed for v in tier_verdicts(stats, tier))
+
+
+def request_tokens(stats: WindowStats) -> tuple[float, float]:
+    """Mean (input, output) tokens per request behind the window's throughput: token rates over
+    request rate, so that input and output prices at these rates recover exactly the hourly cost.
+    (Requests wholly inside a short window are not used: they over-represent short requests.)"""
+    if stats.request_rate_rps > 0:
+        return stats.input_tok_s / stats.request_rate_rps, stats.output_tok_s / stats.request_rate_rps
+    return stats.input_tokens / stats.completed, stats.output_tokens / stats.completed
+
+
+def capacity_is_lower_bound(probes: Sequence[SourcedProbe], tier: SloTier, cap: SourcedProbe) -> bool:
+    """True when no decode probe at a higher load failed `tier`: the search stopped (probe budget,
+    max level) before finding the limit, so the real capacity may be higher."""
+    return not any(p.record.load.kind == "decode" and p.record.load.level > cap.record.load.level
+                   and not meets_tier(p.record.stats, tier) for p in probes)
 
 
 def pick_capacity(probes: Sequence[SourcedProbe], tier: SloTier) -> SourcedProbe | None:
@@ -340,7 +357,7 @@ def _price_at_rate(gpu_rate_usd_h: float, cap: SourcedProbe, prefill: SourcedPro
     hourly = rec.config.gpu_count * gpu_rate_usd_h + energy_usd_h
     h_eff = effective_hourly_usd(hourly, params.utilization, params.margin)
     cost = cost_per_request_usd(h_eff, stats.request_rate_rps)
-    isl, osl = stats.input_tokens / stats.completed, stats.output_tokens / stats.completed
+    isl, osl = request_tokens(stats)
     prefill_tok_s = prefill.record.stats.input_tok_s if prefill is not None else None
     reason = "no prefill probe (load.kind == 'prefill') for this config"
     recovering = recovering_split(cost, h_eff, isl, osl, params.ratio, prefill_tok_s, reason)
@@ -373,11 +390,15 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     at = _price_at_rate(rate, cap, prefill, power_w, usd_per_kwh, params)
     variants = {t: per_mtok(_price_at_rate(r, cap, prefill, power_w, usd_per_kwh, params).chosen)
                 for t, r in rates.items()}
-    isl, osl = stats.input_tokens / stats.completed, stats.output_tokens / stats.completed
+    isl, osl = request_tokens(stats)
     pairs = cap.record.profile.sample_pairs or [(isl, osl)]
     p_in, p_out = at.chosen.input_usd_per_tok, at.chosen.output_usd_per_tok
     per_request = np.percentile(np.array([i * p_in + o * p_out for i, o in pairs]), [50, 90, 99])
     warnings = list(at.chosen.warnings)
+    lower_bound = capacity_is_lower_bound(probes, tier, cap)
+    if lower_bound:
+        warnings.append(f"capacity is a lower bound: no probe above load {cap.record.load.level:g} was run, so "
+                        "prices are upper bounds; rerun the sweep (it resumes) with a larger --max-probes")
     if params.split == "seed":
         warnings.insert(0, "seed convention: NOT cost-recovering (input and output prices each collect the full "
                            "hourly cost, 2x in total); 'recovering' holds the default cost-recovering prices")
@@ -386,7 +407,7 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     return PriceRow(
         **base, feasible=True, split_used=at.chosen.split_used, cost_recovering=at.chosen.cost_recovering,
         capacity_probe=cap.where, prefill_probe=prefill.where if prefill is not None else None,
-        load_level=cap.record.load.level, capacity_rps=stats.request_rate_rps * n,
+        load_level=cap.record.load.level, capacity_lower_bound=lower_bound, capacity_rps=stats.request_rate_rps * n,
         capacity_input_tok_s=stats.input_tok_s * n, capacity_output_tok_s=stats.output_tok_s * n,
         ttft_s=stats.latency("ttft", tier.percentile), tpot_s=stats.latency("tpot", tier.percentile),
         error_rate=stats.error_rate, mean_isl=isl, mean_osl=osl,

@@ -290,3 +290,22 @@ def test_cli_matrix_and_json(tmp_path):
     assert "no probe meets TTFT p90 <= 0.25 s; best 0.41 s" in out
     doc = PricesFile.model_validate_json(out_json.read_text())
     assert len(doc.rows) == 6 and doc.params.split == "prefill"
+
+
+def test_prices_recover_the_hourly_cost_at_the_window_token_rates():
+    """Requests wholly inside a short window over-represent short ones; prices must follow the
+    window's token flows, so that selling those flows pays exactly the hourly cost."""
+    probe = make_probe(rps=4.0, isl=1000, osl=200, window_s=20.0, level=8)
+    skewed = probe.model_copy(update={"stats": probe.stats.model_copy(update={"output_tokens": probe.stats.completed * 120})})
+    row = price_records([skewed], [BASELINE], CATALOG, PricingParams(split="ratio"))[0]
+    revenue_per_s = (skewed.stats.input_tok_s * row.input_usd_per_mtok + skewed.stats.output_tok_s * row.output_usd_per_mtok) / 1e6
+    assert revenue_per_s == pytest.approx(row.effective_hourly_cost_usd / 3600)
+    assert (row.mean_isl, row.mean_osl) == pytest.approx((1000, 200))
+
+
+def test_capacity_without_a_failing_probe_above_is_a_lower_bound(capsys):
+    open_ended = [make_probe(rps=2.0, level=2), make_probe(rps=5.0, level=8, index=1)]
+    row = price_records(open_ended, [BASELINE], CATALOG)[0]
+    assert row.capacity_lower_bound and any("lower bound" in w for w in row.warnings)
+    bounded = open_ended + [make_probe(rps=6.0, level=16, ttft=3.0, index=2)]
+    assert not price_records(bounded, [BASELINE], CATALOG)[0].capacity_lower_bound
