@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from pricing.metrics import CANCELLED, window_stats
 from pricing.prompts import PromptFactory
+from pricing.read_stamps import ReadLog, stamped_connector
 from pricing.schema import EnergyStats, LoadSpec, RequestRecord, WindowStats
 from pricing.sse import parse_stream
 
@@ -117,6 +118,35 @@ def _headers(cfg: ClientConfig) -> dict[str, str]:
     return headers
 
 
+READ_BUFSIZE = 64 * 2**20
+
+
+class _SentAt:
+    """Filled by the session's trace hook when the request's last bytes are written."""
+
+    __slots__ = ("ns",)
+
+    def __init__(self) -> None:
+        self.ns: int | None = None
+
+
+def sent_stamp_trace(clock: Callable[[], int] = time.perf_counter_ns) -> aiohttp.TraceConfig:
+    """A session hook stamping when the request body has been handed to the socket.
+
+    TTFT starts there, not where `send_request` begins: building the request and (on Python
+    3.11) the loop hop aiohttp takes before writing the body are the client's own delay, up to
+    milliseconds when the loop is busy with hundreds of streams, not the server's.
+    """
+
+    async def on_chunk_sent(_session, ctx, _params) -> None:
+        if isinstance(ctx.trace_request_ctx, _SentAt):
+            ctx.trace_request_ctx.ns = clock()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(on_chunk_sent)
+    return trace
+
+
 async def send_request(
     session: aiohttp.ClientSession,
     cfg: ClientConfig,
@@ -131,17 +161,28 @@ async def send_request(
     reads_ns: list[int] = []
     reads: list[bytes] = []
     wall = time.time()
-    start_ns = clock()
+    start_ns = clock()  # replaced by the moment the body was written when the session has sent_stamp_trace
+    sent = _SentAt()
     error: str | None = None
     try:
-        async with session.post(url, json=body, headers=_headers(cfg)) as resp:
+        async with session.post(url, json=body, headers=_headers(cfg), trace_request_ctx=sent) as resp:
             if resp.status != 200:
                 await resp.read()
                 error = f"http_{resp.status}"
             else:
-                async for data in resp.content.iter_any():
-                    reads_ns.append(clock())
-                    reads.append(data)
+                log = ReadLog(resp)
+                if log.stamping:
+                    # The reads are stamped as they arrive: wake once at the end, not per chunk.
+                    try:
+                        await resp.content.wait_eof()
+                    finally:  # also on a disconnect or cancellation: keep what arrived
+                        reads_ns, reads = [clock()], [log.buffered()]
+                else:
+                    async for data in resp.content.iter_any():
+                        reads_ns.append(clock())
+                        reads.append(data)
+                if (at_read := log.split(b"".join(reads))) is not None:
+                    reads_ns, reads = at_read
     except asyncio.CancelledError:
         error = CANCELLED
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -157,7 +198,7 @@ async def send_request(
     if error is None and parsed.error:
         error = parsed.error
     return RequestRecord(
-        start_ns=start_ns,
+        start_ns=sent.ns if sent.ns is not None else start_ns,
         chunk_ns=parsed.chunk_ns,
         end_ns=end_ns,
         prompt_tokens=parsed.prompt_tokens,
@@ -232,8 +273,11 @@ async def _run_probe(cfg, load, pairs, plan: ProbePlan, on_record, clock) -> Pro
     limit = load.concurrency or 0
     prompts = PromptFactory(cfg)  # new token ids every probe: nothing for the prefix cache
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    connector = stamped_connector(clock, limit=limit, limit_per_host=limit)
+    # read_bufsize: a stream is read once, when it ends, so its buffer must hold a whole reply
+    # (aiohttp stops reading a socket whose buffer passes twice this).
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[sent_stamp_trace(clock)],
+                                     read_bufsize=READ_BUFSIZE) as session:
 
         async def send_next() -> RequestRecord:
             isl, osl = next(pairs)

@@ -19,8 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from aiohttp import ClientConnectionResetError, web
 from pydantic import BaseModel, ConfigDict, Field
+
+from pricing.mock_http import Request, Response, serve
 
 ns = time.perf_counter_ns
 
@@ -98,15 +99,14 @@ async def _sleep_until(deadline_ns: int) -> None:
         await asyncio.sleep(delay)
 
 
-async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
-    state: _State = request.app["state"]
-    recv_ns = ns()
-    if state.cfg.api_key and request.headers.get("Authorization") != f"Bearer {state.cfg.api_key}":
-        return web.json_response({"error": {"message": "bad api key"}}, status=401)
-    body = await request.json()
+async def _generate(state: _State, req: Request, resp: Response, chat: bool) -> None:
+    recv_ns = req.arrival_ns  # stamped when the request's bytes were read, before any parsing
+    if state.cfg.api_key and req.headers.get("authorization") != f"Bearer {state.cfg.api_key}":
+        return resp.send_json({"error": {"message": "bad api key"}}, 401)
+    body = req.json()
     n = next(state.counter) + 1
     if state.cfg.faults.http500_every and n % state.cfg.faults.http500_every == 0:
-        return web.json_response({"error": {"message": "injected fault"}}, status=500)
+        return resp.send_json({"error": {"message": "injected fault"}}, 500)
     isl, osl = _prompt_tokens(body), int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
     rid = f"mock-{n}"
     events: list[int] = []
@@ -114,70 +114,64 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     queued = state.slots.locked()
     async with state.slots:
         state.running += 1
-        # The clock starts at arrival (request parsing absorbed), or at the batch slot when queued.
+        # The clock starts at arrival, or at the batch slot when queued.
         start_ns = ns() if queued else recv_ns
         try:
-            return await _stream(request, state, chat, rid, n, isl, osl, start_ns, events)
-        except (ConnectionResetError, ClientConnectionResetError):
-            return web.Response(status=499)  # the client went away (e.g. cancelled at drain)
+            await _stream(resp, state, chat, rid, n, isl, osl, start_ns, events)
         finally:
             state.running -= 1
 
 
-async def _stream(request, state: _State, chat: bool, rid: str, n: int, isl: int, osl: int, start_ns: int, events: list[int]):
+async def _stream(resp: Response, state: _State, chat: bool, rid: str, n: int, isl: int, osl: int, start_ns: int,
+                  events: list[int]) -> None:
     faults, lat = state.cfg.faults, state.cfg.latency
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await resp.prepare(request)
+    resp.start_stream()
     prefill_s = lat.prefill_s_per_token * isl * (1 + lat.prefill_batch_factor * (state.running - 1))
     deadline = start_ns + int((lat.ttft_base_s + prefill_s) * 1e9)
     if chat:
         role = {"id": rid, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-        await resp.write(b"data: " + json.dumps(role).encode() + b"\n\n")
+        resp.write(b"data: " + json.dumps(role).encode() + b"\n\n")
     for i in range(osl):
         await _sleep_until(deadline)
+        if resp.closed:
+            return  # the client went away (e.g. cancelled at drain)
         if faults.disconnect_every and n % faults.disconnect_every == 0 and i == 2:
-            request.transport.close()  # type: ignore[union-attr]
-            return resp
+            return resp.abort()
         if faults.stall_every and n % faults.stall_every == 0 and i == 2:
             await asyncio.sleep(faults.stall_s)
-        await resp.write(_chunk(rid, chat, " t", "length" if i == osl - 1 else None))
+        resp.write(_chunk(rid, chat, " t", "length" if i == osl - 1 else None))
         events.append(ns())
         deadline += int((lat.tpot_base_s + lat.tpot_per_seq_s * state.running) * 1e9)
     usage = {"prompt_tokens": isl, "completion_tokens": osl, "total_tokens": isl + osl}
-    await resp.write(b"data: " + json.dumps({"id": rid, "choices": [], "usage": usage}).encode() + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
+    resp.write(b"data: " + json.dumps({"id": rid, "choices": [], "usage": usage}).encode() + b"\n\n")
+    resp.write(b"data: [DONE]\n\n")
+    resp.end_stream()
 
 
-async def _detokenize(request: web.Request) -> web.Response:
-    body = await request.json()
-    return web.json_response({"prompt": " ".join(f"t{i}" for i in body["tokens"])})
+def build_routes(cfg: MockConfig) -> dict:
+    state = _State(cfg=cfg, slots=asyncio.Semaphore(cfg.latency.max_num_seqs))
+
+    def reply(obj_of_request):
+        async def handler(req: Request, resp: Response) -> None:
+            resp.send_json(obj_of_request(req))
+        return handler
+
+    models = {"data": [{"id": cfg.model_name, "max_model_len": 1 << 20}]}
+    return {
+        ("GET", "/health"): reply(lambda _r: {}),
+        ("GET", "/version"): reply(lambda _r: {"version": "mock"}),
+        ("GET", "/v1/models"): reply(lambda _r: models),
+        ("POST", "/v1/completions"): lambda req, resp: _generate(state, req, resp, chat=False),
+        ("POST", "/v1/chat/completions"): lambda req, resp: _generate(state, req, resp, chat=True),
+        ("POST", "/tokenize"): reply(_tokenize),
+        ("POST", "/detokenize"): reply(lambda r: {"prompt": " ".join(f"t{i}" for i in r.json()["tokens"])}),
+        ("GET", "/mock/timeline"): reply(lambda _r: state.timeline),
+    }
 
 
-async def _tokenize(request: web.Request) -> web.Response:
-    body = await request.json()
-    words = str(body.get("prompt", "")).split()
-    return web.json_response({"tokens": list(range(len(words))), "count": len(words)})
-
-
-def build_app(cfg: MockConfig) -> web.Application:
-    app = web.Application(client_max_size=64 * 2**20)
-
-    async def on_startup(app: web.Application) -> None:
-        app["state"] = _State(cfg=cfg, slots=asyncio.Semaphore(cfg.latency.max_num_seqs))
-
-    app.on_startup.append(on_startup)
-    ok = lambda _r: web.json_response({})  # noqa: E731
-    app.router.add_get("/health", ok)
-    app.router.add_get("/version", lambda _r: web.json_response({"version": "mock"}))
-    app.router.add_get("/v1/models", lambda _r: web.json_response({"data": [{"id": cfg.model_name, "max_model_len": 1 << 20}]}))
-    app.router.add_post("/v1/completions", lambda r: _generate(r, chat=False))
-    app.router.add_post("/v1/chat/completions", lambda r: _generate(r, chat=True))
-    app.router.add_post("/tokenize", _tokenize)
-    app.router.add_post("/detokenize", _detokenize)
-    app.router.add_get("/mock/timeline", lambda r: web.json_response(r.app["state"].timeline))
-    return app
+def _tokenize(req: Request) -> dict:
+    words = str(req.json().get("prompt", "")).split()
+    return {"tokens": list(range(len(words))), "count": len(words)}
 
 
 class MockServerProcess:
@@ -212,12 +206,8 @@ class MockServerProcess:
 
 
 async def _serve(cfg: MockConfig, host: str, port: int) -> None:
-    runner = web.AppRunner(build_app(cfg), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"READY {bound}", flush=True)
+    server = await serve(build_routes(cfg), host, port)
+    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.Event().wait()
 
 

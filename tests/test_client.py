@@ -11,19 +11,27 @@ from pricing.mock_server import Faults, LatencyModel, MockConfig
 from pricing.schema import LoadSpec
 
 TTFT_S, TPOT_S = 0.040, 0.020
-# Measured on the 2-core CI VM: after a 50 ms idle gap, Python's request path runs ~4x slower
-# than hot (client build 0.30 vs 0.07 ms, server parse 0.42 vs 0.13 ms), so TTFT carries
-# 1.1-2.0 ms of client+server overhead at p50; TPOT (a difference of two arrivals) carries ~0.
-# benchmarks/client_overhead.py prints the breakdown.
-TTFT_TOLERANCE_MS, TPOT_TOLERANCE_MS = 4.0, 1.0  # 2x the worst p50 seen, to keep CI stable
+TOLERANCE_MS = 1.0  # the issue's bound, on the median
 
 
 def closed(n: int) -> LoadSpec:
     return LoadSpec(mode="closed", concurrency=n)
 
 
+def _timeline(url: str) -> dict:
+    import json
+    import urllib.request
+
+    return json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
+
+
 @pytest.mark.parametrize("streams", [1, 64, 512])
-async def test_measured_ttft_and_tpot_match_the_configured_truth(mock_server, streams):
+async def test_measured_ttft_and_tpot_match_the_truth(mock_server, streams):
+    """Two checks, because the truth has two layers: the client against what the mock did (its
+    timeline: arrival read, each chunk written), and the mock against its configuration (its
+    timers wake on whole milliseconds, biased to centre the error). Measured on the 2-core VM:
+    client error p50 0.13-0.34 ms at 1-512 streams; mock first-token emission late by 0.7 ms at
+    1 stream (an idle loop's first wake-up), 0.1 ms at 64 (benchmarks/client_overhead.py)."""
     # TPOT grows with the stream count so the mock's own core is not the bottleneck.
     tpot = TPOT_S if streams < 512 else 0.100
     mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=TTFT_S, tpot_base_s=tpot)))
@@ -34,12 +42,19 @@ async def test_measured_ttft_and_tpot_match_the_configured_truth(mock_server, st
     result = await run_probe(cfg, closed(streams), itertools.repeat((64, 12)), plan)
     inside = [r for r in result.records if r.ok and result.window_start_ns <= r.start_ns and r.end_ns <= result.window_end_ns]
     assert len(inside) == result.stats.completed >= 15
-    ttft_err_ms = np.array([ttft_s(r) - TTFT_S for r in inside]) * 1e3
-    tpot_err_ms = np.array([tpot_s(r) - tpot for r in inside]) * 1e3
-    assert 0 <= np.median(ttft_err_ms) <= TTFT_TOLERANCE_MS, f"TTFT error p50 {np.median(ttft_err_ms):.3f} ms"
-    assert abs(np.median(tpot_err_ms)) <= TPOT_TOLERANCE_MS, f"TPOT error p50 {np.median(tpot_err_ms):.3f} ms"
     assert result.stats.failed == 0 and result.aborted is None
     assert all(r.completion_tokens == 12 and r.prompt_tokens == 64 for r in inside)
+
+    did = [_timeline(mock.url)[r.response_id] for r in inside]
+    served_ttft_ms = np.array([(d["chunk_ns"][0] - d["recv_ns"]) / 1e6 for d in did])
+    served_tpot_ms = np.array([(d["chunk_ns"][-1] - d["chunk_ns"][0]) / 1e6 / 11 for d in did])
+    client_ttft_err = np.array([ttft_s(r) * 1e3 for r in inside]) - served_ttft_ms
+    client_tpot_err = np.array([tpot_s(r) * 1e3 for r in inside]) - served_tpot_ms
+    assert 0 <= np.median(client_ttft_err) <= TOLERANCE_MS, f"client TTFT error p50 {np.median(client_ttft_err):.3f} ms"
+    assert abs(np.median(client_tpot_err)) <= TOLERANCE_MS, f"client TPOT error p50 {np.median(client_tpot_err):.3f} ms"
+    mock_ttft_err, mock_tpot_err = served_ttft_ms - TTFT_S * 1e3, served_tpot_ms - tpot * 1e3
+    assert abs(np.median(mock_ttft_err)) <= TOLERANCE_MS, f"mock TTFT error p50 {np.median(mock_ttft_err):.3f} ms"
+    assert abs(np.median(mock_tpot_err)) <= TOLERANCE_MS, f"mock TPOT error p50 {np.median(mock_tpot_err):.3f} ms"
 
 
 @pytest.mark.parametrize(
