@@ -23,7 +23,8 @@ from pricing.client import ClientConfig, ProbePlan, ProbeResult
 from pricing.measured_probe import measured_probe
 from pricing.profile import DEFAULT_PROFILE, load_profile
 from pricing.errors import InputError
-from pricing.schema import DEFAULT_TIERS, DeploymentConfig, LoadSpec
+from pricing.price import parse_tiers
+from pricing.schema import DeploymentConfig, LoadSpec
 from pricing.search import SearchParams
 from pricing.server import ServerSpec, ServerStartError, VllmServer, attach
 from pricing.shapes import SHAPES, resolve_model, write_shape
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="vLLM max-model-len; requests are capped to fit")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--mode", choices=["closed", "open"], default="closed", help="sweep concurrency or request rate")
-    p.add_argument("--tier", nargs="*", help="tiers to search (default: all of Baseline, Fast, Instant)")
+    p.add_argument("--tier", nargs="*", help="tiers to search: Baseline, Fast, Instant (default: all) or NAME:TTFT_S:TPOT_S[:P[:ERR]]")
     p.add_argument("--max-probes", type=int, default=12, help="decode probes in this run (rerun to continue)")
     p.add_argument("--min-window-s", type=float, default=20.0, help="steady-state seconds per probe")
     p.add_argument("--min-requests", type=int, default=20, help="completed requests per probe window")
@@ -126,18 +127,8 @@ def quantize_checkpoint(model: str, scheme: str, checkpoint: Path) -> None:
         raise ValueError(f"quantizing {model} to {scheme} failed (see the line above); nothing was served")
 
 
-def _tiers(names: list[str] | None):
-    if not names:
-        return list(DEFAULT_TIERS)
-    known = {t.name.lower(): t for t in DEFAULT_TIERS}
-    unknown = [n for n in names if n.lower() not in known]
-    if unknown:
-        raise ValueError(f"--tier: unknown tier(s) {', '.join(unknown)}; known: {', '.join(t.name for t in DEFAULT_TIERS)}")
-    return [known[n.lower()] for n in names]
-
-
 def run(args: argparse.Namespace, console: Console) -> int:
-    tiers = _tiers(args.tier)
+    tiers = parse_tiers(args.tier)
     profile = load_profile(args.profile)
     resolved = prepare_model(args.model, args.scheme, args.models_dir) if not args.url else None
     gpu_name = detect_gpu() if args.gpu == "auto" else args.gpu
@@ -202,11 +193,11 @@ def _gpu_meter(gpu_name: str, console: Console):
 def _print_outcome(console: Console, outcome, tiers, out: Path) -> None:
     table = Table(title="Capacity per SLO tier (highest passing load level)")
     table.add_column("tier")
-    table.add_column("SLO (p90)")
+    table.add_column("SLO")
     table.add_column("capacity")
     for t in tiers:
         level = outcome.capacity_level.get(t.name)
-        table.add_row(t.name, f"TTFT ≤ {t.ttft_s:g} s, TPOT ≤ {t.tpot_s * 1e3:g} ms", "none passes" if level is None else f"{level:g}")
+        table.add_row(t.name, f"p{t.percentile} TTFT ≤ {t.ttft_s:g} s, TPOT ≤ {t.tpot_s * 1e3:g} ms", "none passes" if level is None else f"{level:g}")
     console.print(table)
     console.print(f"{outcome.probes_run} new probe(s) appended to {out}" + (f"; stopped: {outcome.stopped}" if outcome.stopped else ""))
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pricing.catalog import PRICING_TIERS, Catalog, PricingTier, gpu_rate_usd_h, unknown_gpu_error
 from pricing.metrics import slo_verdicts
-from pricing.schema import ProbeRecord, SloTier, SloVerdict, WindowStats
+from pricing.schema import ProbeRecord, SloTier, SloVerdict, WindowStats, config_label
 
 Split = Literal["prefill", "ratio", "seed"]
 MTOK = 1_000_000
@@ -121,7 +121,7 @@ class PriceRow(_Frozen):
     @property
     def label(self) -> str:
         where = f" · {self.profile}" if self.profile else ""
-        return f"{self.model} · {self.scheme} · TP{self.tp} · {self.gpu_count}x{self.gpu_name}{where}"
+        return config_label(self.model, self.scheme, self.tp, self.gpu_count, self.gpu_name) + where
 
 
 # ----------------------------------------------------------------------------------- SLO verdicts

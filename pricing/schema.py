@@ -162,6 +162,15 @@ class DeploymentConfig(Frozen):
     def key(self) -> str:
         return f"{self.model}|{self.scheme}|tp{self.tp}|{self.gpu_count}x{self.gpu_name}"
 
+    @property
+    def label(self) -> str:
+        return config_label(self.model, self.scheme, self.tp, self.gpu_count, self.gpu_name)
+
+
+def config_label(model: str, scheme: str, tp: int, gpu_count: int, gpu_name: str) -> str:
+    """How a config is named in tables and plots."""
+    return f"{model} · {scheme} · TP{tp} · {gpu_count}x{gpu_name}"
+
 
 class EnergyStats(Frozen):
     """GPU energy over the probe window; absent when not measured (never zero for 'unknown')."""

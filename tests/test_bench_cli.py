@@ -25,7 +25,7 @@ def test_unknown_profile_and_tier_exit_2(capsys):
     assert main(["--url", "http://127.0.0.1:9", "--profile", "no-such-profile"]) == 2
     assert "no-such-profile" in capsys.readouterr().err
     assert main(["--url", "http://127.0.0.1:9", "--profile", "fixed:16:8", "--tier", "Gold"]) == 2
-    assert "unknown tier(s) Gold" in capsys.readouterr().err
+    assert "--tier: Gold: unknown tier" in capsys.readouterr().err
 
 
 def test_attached_sweep_against_the_mock_writes_valid_resumable_jsonl(mock_server, tmp_path):
