@@ -175,14 +175,13 @@ async def send_request(
                     # The reads are stamped as they arrive: wake once at the end, not per chunk.
                     try:
                         await resp.content.wait_eof()
-                    finally:  # also on a disconnect or cancellation: keep what arrived
-                        reads_ns, reads = [clock()], [log.buffered()]
+                    finally:  # also on a disconnect or a cancellation at drain: keep what arrived, stamped
+                        body = log.buffered()
+                        reads_ns, reads = log.split(body) or ([clock()], [body])
                 else:
                     async for data in resp.content.iter_any():
                         reads_ns.append(clock())
                         reads.append(data)
-                if (at_read := log.split(b"".join(reads))) is not None:
-                    reads_ns, reads = at_read
     except asyncio.CancelledError:
         error = CANCELLED
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
