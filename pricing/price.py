@@ -199,7 +199,8 @@ def render_matrix(rows: Sequence[PriceRow], params: PricingParams, console: Cons
         f"{rate}; replicas {params.replicas}. H = GPUs x rate (+ measured energy x $/kWh), "
         "H_eff = H / utilization x (1 + margin); capacity = the highest decode request rate meeting the tier "
         "(TTFT and TPOT at the tier's percentile, error rate); prices recover c = H_eff / (3600 x capacity) at the "
-        "capacity probe's mean ISL/OSL. ★ = cheapest config per tier (cost per request; seed files: output price).",
+        "capacity probe's tokens per request (token rates / request rate). ≥ = lower bound: no probe above it "
+        "failed the tier. ★ = cheapest config per tier (cost per request; seed files: output price).",
         style="dim",
     )
 

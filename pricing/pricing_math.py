@@ -397,8 +397,8 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     warnings = list(at.chosen.warnings)
     lower_bound = capacity_is_lower_bound(probes, tier, cap)
     if lower_bound:
-        warnings.append(f"capacity is a lower bound: no probe above load {cap.record.load.level:g} was run, so "
-                        "prices are upper bounds; rerun the sweep (it resumes) with a larger --max-probes")
+        warnings.append(f"capacity is a lower bound: no probe at a load above {cap.record.load.level:g} failed the "
+                        "tier, so the prices are upper bounds; rerun the sweep (it resumes) with a larger --max-probes")
     if params.split == "seed":
         warnings.insert(0, "seed convention: NOT cost-recovering (input and output prices each collect the full "
                            "hourly cost, 2x in total); 'recovering' holds the default cost-recovering prices")

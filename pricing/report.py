@@ -230,7 +230,7 @@ def build_report_html(rows: Sequence[PriceRow], probes: Sequence[SourcedProbe], 
     divs = [fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{i}",
                         config={"displaylogo": False, "responsive": True})
             for i, fig in enumerate(build_figures(rows, probes, tiers, profile))]
-    notes = sorted({w for r in rows for w in r.warnings})
+    notes = sorted({f"{r.label} · {r.tier.name}: {w}" for r in rows for w in r.warnings})
     rate = (f"--hourly-rate ${params.hourly_rate_usd:g}/h" if params.hourly_rate_usd is not None
             else f"pricing tier {params.pricing_tier}")
     definitions = (
@@ -238,7 +238,7 @@ def build_report_html(rows: Sequence[PriceRow], probes: Sequence[SourcedProbe], 
         f"margin {params.margin:.0%}; {rate}; replicas {params.replicas}. "
         "H = GPUs × rate (+ measured energy × $/kWh); "
         "H_eff = H / utilization × (1 + margin); capacity = highest decode request rate meeting the tier; "
-        "prices recover c = H_eff / (3600 × capacity) at the capacity probe's mean ISL/OSL, except the seed split."
+        "prices recover c = H_eff / (3600 × capacity) at the capacity probe's tokens per request (its token rates / request rate), except the seed split."
     )
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vLLM SLO prices</title>",
