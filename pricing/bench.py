@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pricing.price import parse_tiers
 from pricing.schema import DeploymentConfig, LoadSpec
 from pricing.search import SearchParams
 from pricing.server import ServerSpec, ServerStartError, VllmServer, attach
-from pricing.shapes import SHAPES, resolve_model, write_shape
+from pricing.shapes import SHAPES, read_json, resolve_model, write_shape
 from pricing.sweep import SweepSpec, run_sweep
 from pricing.telemetry import open_gpu_meter
 
@@ -110,10 +109,7 @@ def _quantized_as(model: str) -> str | None:
     """The scheme of a local folder's compressed-tensors quantization_config, or None."""
     from pricing.quantize import scheme_of
 
-    try:
-        config = json.loads((Path(model).expanduser() / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    config = read_json(Path(model).expanduser() / "config.json") or {}
     return scheme_of(config.get("quantization_config"))
 
 

@@ -144,12 +144,11 @@ def meets_tier(stats: WindowStats, tier: SloTier) -> bool:
 
 
 def request_tokens(stats: WindowStats) -> tuple[float, float]:
-    """Mean (input, output) tokens per request behind the window's throughput: token rates over
-    request rate, so that input and output prices at these rates recover exactly the hourly cost.
-    (Requests wholly inside a short window are not used: they over-represent short requests.)"""
-    if stats.request_rate_rps > 0:
-        return stats.input_tok_s / stats.request_rate_rps, stats.output_tok_s / stats.request_rate_rps
-    return stats.input_tokens / stats.completed, stats.output_tokens / stats.completed
+    """Mean (input, output) tokens per request behind the window's throughput of a capacity probe
+    (request rate > 0, see pick_capacity): token rates over request rate, so that input and
+    output prices at these rates recover exactly the hourly cost. (Requests wholly inside a
+    short window are not used: they over-represent short requests.)"""
+    return stats.input_tok_s / stats.request_rate_rps, stats.output_tok_s / stats.request_rate_rps
 
 
 def capacity_is_lower_bound(probes: Sequence[SourcedProbe], tier: SloTier, cap: SourcedProbe) -> bool:

@@ -3,7 +3,7 @@
 aiohttp hands each socket read to the response's StreamReader and wakes the task iterating it
 on a later turn of the event loop. With hundreds of streams that turn comes milliseconds later,
 and a stamp taken there carries the client's own backlog (at 512 streams on one core: p99 4-8 ms).
-`StampedConnector` makes aiohttp's protocol note, for each read, the time and the body bytes
+`stamped_connector` makes aiohttp's protocol note, for each read, the time and the body bytes
 delivered so far; `ReadLog.split` turns a finished body back into per-read pieces with those
 times, which pricing.sse then parses as before.
 

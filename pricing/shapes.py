@@ -141,7 +141,7 @@ def _shape_config(spec: ShapeSpec, quantization_config: dict[str, Any] | None) -
     return config
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -233,7 +233,7 @@ def write_shape(name: str, out_dir: Path, quantization_config: dict[str, Any] | 
     config = _shape_config(spec, quantization_config)
     out_dir = Path(out_dir)
     marker = {"shape": name, "format": SHAPE_FORMAT}
-    if _read_json(out_dir / "config.json") == config and _read_json(out_dir / MARKER_FILE) == marker:
+    if read_json(out_dir / "config.json") == config and read_json(out_dir / MARKER_FILE) == marker:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER_FILE).unlink(missing_ok=True)
@@ -305,11 +305,11 @@ def resolve_model(spec: str, models_dir: Path) -> ResolvedModel:
     local folder -> used as given; anything else -> a Hugging Face id, loaded normally."""
     if spec in SHAPES:
         path = write_shape(spec, Path(models_dir) / spec)
-        return _from_config(str(path), "dummy", _read_json(path / "config.json") or {}, shape=spec)
+        return _from_config(str(path), "dummy", read_json(path / "config.json") or {}, shape=spec)
     local = Path(spec).expanduser()
     if local.is_dir():
         load_format = "auto" if _has_weights(local) else "dummy"  # shape-only folders get dummy weights
-        return _from_config(str(local), load_format, _read_json(local / "config.json") or {})
+        return _from_config(str(local), load_format, read_json(local / "config.json") or {})
     if local.exists() or spec.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"model path {spec} is not a folder with a config.json; "
                                 f"give a shape ({', '.join(SHAPES)}), a model folder or a Hugging Face id")

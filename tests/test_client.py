@@ -1,6 +1,8 @@
 """The client against the mock server, whose latency truth is known."""
 
 import itertools
+import json
+import urllib.request
 
 import numpy as np
 import pytest
@@ -19,9 +21,6 @@ def closed(n: int) -> LoadSpec:
 
 
 def _timeline(url: str) -> dict:
-    import json
-    import urllib.request
-
     return json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
 
 
@@ -124,15 +123,11 @@ async def test_prefill_probe_asks_for_one_token(mock_server):
 async def test_probes_on_one_server_never_repeat_a_prompt(mock_server):
     """Each probe draws new token ids: a replayed prompt would be a prefix-cache hit in vLLM
     (the same seed every probe once made 50-99% of an H200 sweep's prompt tokens cache hits)."""
-    import json
-    import urllib.request
-
     mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.002, tpot_base_s=0.002)))
     cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=7)
     for _ in range(2):
         await run_probe(cfg, closed(4), itertools.repeat((64, 4)), ProbePlan(min_window_s=0.3, min_requests=10))
-    timeline = json.load(urllib.request.urlopen(f"{mock.url}/mock/timeline"))
-    heads = [t["head"] for t in timeline.values()]
+    heads = [t["head"] for t in _timeline(mock.url).values()]
     assert len(heads) >= 20 and len(set(heads)) == len(heads)
 
 
