@@ -31,11 +31,11 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measure(url: str, streams: int, osl: int, window_s: float, use_uvloop: bool) -> dict:
+def measure(url: str, streams: int, osl: int, window_s: float, loop: aio.LoopChoice) -> dict:
     cfg = ClientConfig(base_url=url, model="mock-model")
     plan = ProbePlan(min_window_s=window_s, min_requests=streams, ramp_up_s=1.0 if streams > 1 else 0.0)
     cpu0 = cpu_s()
-    result = aio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=streams), itertools.repeat((64, osl)), plan), use_uvloop)
+    result = aio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=streams), itertools.repeat((64, osl)), plan), loop)
     cpu = cpu_s() - cpu0
     timeline = json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
     ttft_err, tpot_err = [], []
@@ -69,13 +69,14 @@ def main() -> None:
     p.add_argument("--tpot-ms", type=float, default=25.0, help="mock TPOT; chunk rate = streams / TPOT")
     p.add_argument("--osl", type=int, default=40)
     p.add_argument("--window-s", type=float, default=4.0)
-    p.add_argument("--asyncio", action="store_true", help="plain asyncio loop instead of uvloop")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="event loop (auto: asyncio with kernel receive stamps on Linux, else uvloop)")
     args = p.parse_args()
     mock = MockConfig(latency=LatencyModel(ttft_base_s=0.050, tpot_base_s=args.tpot_ms / 1e3))
     rows = []
     with MockServerProcess(mock) as server:
         for n in args.streams:
-            rows.append(measure(server.url, n, args.osl, args.window_s, not args.asyncio))
+            rows.append(measure(server.url, n, args.osl, args.window_s, args.loop))
             r = rows[-1]
             print(
                 f"streams {n:5d}  {r['chunks_per_s']:8.0f} chunks/s  "

@@ -4,8 +4,9 @@ The mock is the ground truth the client's timing is checked against, so its own 
 be small and must not sit between the wire and its clocks. With aiohttp's server, at 512
 streams the mock spent most of its core writing ~20k chunks/s through StreamResponse, and new
 requests queued behind those writes before the handler stamped their arrival: that queueing
-was counted as client error. Here arrival is stamped when the request's bytes are read, and
-each streamed chunk is one synchronous `transport.write`.
+was counted as client error. Here arrival is when the request's last bytes reached the host
+(the kernel's stamp, `pricing.kernel_stamps`; the read's time where there is none), and each
+streamed chunk is one synchronous `transport.write`.
 
 Enough HTTP for aiohttp and urllib clients: keep-alive, Content-Length request bodies, JSON
 responses with Content-Length, and chunked event streams.
@@ -19,6 +20,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from pricing import kernel_stamps
+
 ns = time.perf_counter_ns
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large",
             500: "Internal Server Error"}
@@ -31,7 +34,7 @@ class Request:
     path: str
     headers: dict[str, str]  # lower-case names
     body: bytes
-    arrival_ns: int  # when the last bytes of the request were read
+    arrival_ns: int  # when the last bytes of the request arrived
 
     def json(self):
         return json.loads(self.body or b"{}")
@@ -95,7 +98,7 @@ class HttpProtocol(asyncio.Protocol):
             self.worker.cancel()
 
     def data_received(self, data: bytes) -> None:
-        now = ns()
+        now = ns() - (kernel_stamps.read_lag_ns(self.transport) or 0)  # when the bytes arrived
         self.buffer += data
         while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
             head = self.buffer[:end].decode("latin-1").split("\r\n")
@@ -131,4 +134,4 @@ class HttpProtocol(asyncio.Protocol):
 
 async def serve(routes: dict[tuple[str, str], Handler], host: str, port: int) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: HttpProtocol(routes), host, port, backlog=4096)
+    return await loop.create_server(lambda: HttpProtocol(routes), sock=kernel_stamps.listener(host, port, 4096))

@@ -7,6 +7,10 @@ and a stamp taken there carries the client's own backlog (at 512 streams on one 
 delivered so far; `ReadLog.split` turns a finished body back into per-read pieces with those
 times, which pricing.sse then parses as before.
 
+Each stamp is the read's time less how long its bytes had waited in the kernel
+(`pricing.kernel_stamps`), so on asyncio's own loop under Linux it is the bytes' arrival, however
+busy the loop; elsewhere it is the read's time.
+
 It relies on two aiohttp internals (the connector's protocol factory and the protocol's current
 payload); where they are missing the connector is plain and callers keep their own stamps.
 """
@@ -20,6 +24,8 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
+from pricing import kernel_stamps
+
 
 class _StampingHandler(ResponseHandler):
     def __init__(self, *args, clock: Callable[[], int], **kwargs) -> None:
@@ -29,6 +35,9 @@ class _StampingHandler(ResponseHandler):
 
     def data_received(self, data: bytes) -> None:
         now = self._clock()
+        lag = kernel_stamps.read_lag_ns(self.transport)
+        if lag is not None:
+            now -= lag
         super().data_received(data)
         payload = getattr(self, "_payload", None)
         total = getattr(payload, "total_bytes", None)
@@ -42,6 +51,8 @@ class _StampingHandler(ResponseHandler):
 
 
 def stamped_connector(clock: Callable[[], int] = time.perf_counter_ns, **kwargs) -> aiohttp.TCPConnector:
+    if kernel_stamps.SUPPORTED:
+        kwargs.setdefault("socket_factory", kernel_stamps.client_socket)
     connector = aiohttp.TCPConnector(**kwargs)
     factory = getattr(connector, "_factory", None)
     if isinstance(factory, functools.partial) and factory.func is ResponseHandler:
