@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_reference.sh serve NAME MODEL SCHEME TP GPUS PORT [LABEL]   # start detached
 #   bash benchmarks/gpu_reference.sh wait NAME...                                    # until /health
 #   bash benchmarks/gpu_reference.sh sweep NAME PROFILE [bench args...]       # attach, sweep, resume
+#   bash benchmarks/gpu_reference.sh parallel "NAME PROFILE [args]" "NAME ..." # sweeps side by side
 #   bash benchmarks/gpu_reference.sh peer NAME ISL OSL CONCURRENCY PROMPTS    # vllm bench serve
 #   bash benchmarks/gpu_reference.sh stop NAME...
 #   bash benchmarks/gpu_reference.sh collect                 # results + logs -> $OUT/results.tgz
@@ -18,6 +19,10 @@ STATE=/root/servers RESULTS=/root/results
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-8192}
 mkdir -p "$STATE" "$RESULTS" /root/models /root/checkpoints
 cmd=$1; shift
+# The device tool gives a host back after 30 s idle; the next call then lands on a fresh one.
+if [[ $cmd =~ ^(serve|sweep|peer|parallel)$ && ! -d /root/vllm-site ]]; then
+    echo "no /root/vllm-site: this is a fresh host (the last was given back); unpack the bundle again" >&2; exit 3
+fi
 
 case "$cmd" in
 quantize)
@@ -58,6 +63,19 @@ sweep)
     exec env CUDA_VISIBLE_DEVICES=${c[3]} python3 -m pricing.bench --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" \
         --scheme "${c[1]}" --tp "${c[2]}" --profile "$profile" --max-model-len "$MAX_MODEL_LEN" \
         --out "$RESULTS/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu())').jsonl" "$@"
+    ;;
+parallel)  # one sweep per argument, each on its own server; logs in /root/sweep-N.txt
+    pids=()
+    for i in $(seq 1 $#); do
+        # shellcheck disable=SC2086  # each argument is a word list on purpose
+        bash "$0" sweep ${!i} > "/root/sweep-$i.txt" 2>&1 & pids+=($!)
+    done
+    status=0
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || status=$?
+        grep -E "^#|stopped" "/root/sweep-$((i + 1)).txt" || tail -5 "/root/sweep-$((i + 1)).txt"
+    done
+    exit $status
     ;;
 peer)
     name=$1 isl=$2 osl=$3 conc=$4 prompts=$5

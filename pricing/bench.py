@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="Bearer key for the server (never logged)")
     p.add_argument("--max-model-len", type=int, help="vLLM max-model-len; requests are capped to fit")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--prompt-format", choices=["token_ids", "text"], default="token_ids",
+                   help="completions prompts as token ids (no tokenizing on the server) or text, as vllm bench "
+                        "and most clients send them (the server's tokenizing then counts in TTFT)")
     p.add_argument("--mode", choices=["closed", "open"], default="closed", help="sweep concurrency or request rate")
     p.add_argument("--tier", nargs="*", help="tiers to search: Baseline, Fast, Instant (default: all) or NAME:TTFT_S:TPOT_S[:P[:ERR]]")
     p.add_argument("--max-probes", type=int, default=12, help="decode probes in this run (rerun to continue)")
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
         client = ClientConfig(
             base_url=server.base_url, model=server.served_model_name or model_label, endpoint=args.endpoint,
+            prompt_format=args.prompt_format,
             api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
         )
         pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)
@@ -159,7 +163,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             config=config, profile=profile.summary(seed=args.seed, max_model_len=max_len), tiers=tiers,
             search=SearchParams(start=args.start, max_level=args.max_level, integer=args.mode == "closed",
                                 min_level=1.0 if args.mode == "closed" else 0.05),
-            plan=plan, mode=args.mode, max_probes=args.max_probes, prefill_probes=not args.no_prefill,
+            plan=plan, mode=args.mode, prompts=client.prompts, max_probes=args.max_probes,
+            prefill_probes=not args.no_prefill,
         )
         progress = ProbeProgress(console, plan)
         meter = stack.enter_context(_gpu_meter(gpu_name, console))

@@ -11,6 +11,7 @@ import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import aiohttp
 import numpy as np
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pricing.metrics import CANCELLED, window_stats
 from pricing.prompts import PromptFactory
 from pricing.read_stamps import ReadLog, stamped_connector
-from pricing.schema import EnergyStats, LoadSpec, RequestRecord, WindowStats
+from pricing.schema import EnergyStats, LoadSpec, PromptKind, RequestRecord, WindowStats
 from pricing.sse import parse_stream
 
 OnRecord = Callable[[RequestRecord], None]
@@ -33,11 +34,16 @@ class ClientConfig(BaseModel):
     base_url: str
     model: str
     endpoint: str = Field(default="completions", pattern="^(completions|chat)$")
+    prompt_format: Literal["token_ids", "text"] = "token_ids"  # for completions; chat sends text
     api_key: SecretStr | None = None  # SecretStr: never printed or dumped in clear
     request_timeout_s: float = Field(default=600.0, gt=0)
     stall_timeout_s: float = Field(default=60.0, gt=0)  # no bytes for this long -> "timeout"
     vocab_size: int = Field(default=32000, ge=16)
     seed: int = 0
+
+    @property
+    def prompts(self) -> PromptKind:
+        return "chat" if self.endpoint == "chat" else self.prompt_format
 
 
 class ProbePlan(BaseModel):

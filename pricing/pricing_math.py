@@ -369,7 +369,7 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     """The price row of one config (all `probes` share config.key and profile) for one tier."""
     cfg = probes[0].record.config
     n = params.replicas
-    base = dict(config_key=cfg.key, profile=probes[0].record.profile.name, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp, gpu_name=cfg.gpu_name,
+    base = dict(config_key=cfg.key, profile=probes[0].record.workload, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp, gpu_name=cfg.gpu_name,
                 gpu_count=cfg.gpu_count, replicas=n, tier=tier, split=params.split)
     cap = pick_capacity(probes, tier)
     if cap is None:
@@ -428,10 +428,10 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
 
 
 def group_by_config(probes: Sequence[SourcedProbe]) -> dict[tuple[str, str], list[SourcedProbe]]:
-    """Probes of one config measured with one traffic profile: capacity is only comparable within."""
+    """Probes of one config under one workload (traffic profile and prompt kind): capacity is only comparable within."""
     groups: dict[tuple[str, str], list[SourcedProbe]] = {}
     for probe in probes:
-        groups.setdefault((probe.record.config.key, probe.record.profile.name), []).append(probe)
+        groups.setdefault((probe.record.config.key, probe.record.workload), []).append(probe)
     return groups
 
 

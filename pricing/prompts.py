@@ -1,8 +1,11 @@
 """Prompts of an exact token length that defeat prefix caching.
 
-Completions get random token ids (vLLM accepts a list of ids as `prompt`): exact length, no
-tokenizer needed. Chat needs text: random ids are turned into text by the server's
-`/detokenize`; the chat template then adds a few tokens, so the server's usage is the truth.
+Completions get random token ids by default (vLLM accepts a list of ids as `prompt`): exact
+length, no tokenizer needed, and no tokenizing on the server. Text prompts (chat, or
+completions with prompt_format "text", as `vllm bench serve` and most real clients send them)
+are random ids turned into text by the server's `/detokenize`; tokenizing that text again may
+not give the same count, and the chat template adds a few tokens, so the server's usage is the
+truth.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class PromptFactory:
 
     async def prompt(self, session: aiohttp.ClientSession, isl: int) -> list[int] | str:
         ids = self.token_ids(isl)
-        if self._cfg.endpoint != "chat":
+        if self._cfg.prompts == "token_ids":
             return ids
         url = f"{self._cfg.base_url.rstrip('/')}/detokenize"
         async with session.post(url, json={"model": self._cfg.model, "tokens": ids}) as resp:

@@ -34,7 +34,7 @@ def fig_latency(probes: Sequence[SourcedProbe], tiers: Sequence[SloTier]) -> go.
         group = sorted(group, key=lambda p: p.record.stats.output_tok_s)
         line = {"color": palette[i % len(palette)]}
         x = [p.record.stats.output_tok_s for p in group]
-        name = f"{group[0].record.config.label} · {group[0].record.profile.name}"
+        name = f"{group[0].record.config.label} · {group[0].record.workload}"
         ttft = [p.record.stats.ttft_s.p90 for p in group]
         tpot = [None if p.record.stats.tpot_s.p90 is None else p.record.stats.tpot_s.p90 * 1000 for p in group]
         fig.add_trace(go.Scatter(x=x, y=ttft, mode="lines+markers", name=name, legendgroup=name, line=line),
@@ -195,7 +195,7 @@ def fig_ttft_client_vs_server(probes: Sequence[SourcedProbe]) -> go.Figure | Non
     fig = go.Figure()
     for i, group in enumerate(group_by_config([p for p, _ in points]).values()):
         server = {id(p): v for p, v in points}
-        name = f"{group[0].record.config.label} · {group[0].record.profile.name}"
+        name = f"{group[0].record.config.label} · {group[0].record.workload}"
         fig.add_trace(go.Scatter(
             x=[server[id(p)] for p in group], y=[p.record.stats.ttft_s.p90 for p in group], mode="markers",
             name=name, marker={"color": qualitative.Plotly[i % len(qualitative.Plotly)], "size": 9},

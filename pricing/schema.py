@@ -132,6 +132,11 @@ class ProfileSummary(Frozen):
     sample_pairs: list[tuple[int, int]] = Field(default_factory=list, max_length=256)
 
 
+# How prompts reach the server: token ids or text to /v1/completions, or chat messages. Text
+# costs the server tokenizing on the request path (TTFT); token ids skip it.
+PromptKind = Literal["token_ids", "text", "chat"]
+
+
 class LoadSpec(Frozen):
     """The load of one probe: closed loop (concurrency) or open loop (request rate)."""
 
@@ -140,6 +145,7 @@ class LoadSpec(Frozen):
     request_rate_rps: float | None = Field(default=None, gt=0)  # open loop
     burstiness: float = Field(default=1.0, gt=0)  # gamma shape; 1.0 = Poisson
     kind: Literal["decode", "prefill"] = "decode"  # prefill: max_tokens=1, for the price split
+    prompts: PromptKind = "token_ids"
 
     @property
     def level(self) -> float:
@@ -199,3 +205,9 @@ class ProbeRecord(BaseModel):
     # SLO verdicts at record time; the pricer recomputes them for whatever tiers it is given.
     tiers_passed: list[str] = Field(default_factory=list)
     note: str | None = None
+
+    @property
+    def workload(self) -> str:
+        """The profile, and how prompts were sent unless as token ids: probes are compared and
+        priced only within one workload."""
+        return self.profile.name if self.load.prompts == "token_ids" else f"{self.profile.name} ({self.load.prompts})"

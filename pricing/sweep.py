@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pricing.client import ProbePlan, ProbeResult
 from pricing.metrics import meets
 from pricing.results import append_record, read_records, repair_torn_tail
-from pricing.schema import DeploymentConfig, LoadSpec, ProbeRecord, ProfileSummary, SloTier
+from pricing.schema import DeploymentConfig, LoadSpec, ProbeRecord, ProfileSummary, PromptKind, SloTier
 from pricing.search import SearchParams, capacity_level, histories_from, next_probe
 
 ProbeFn = Callable[[LoadSpec, int], Awaitable[ProbeResult]]
@@ -34,6 +34,7 @@ class SweepSpec(BaseModel):
     search: SearchParams = Field(default_factory=SearchParams)
     plan: ProbePlan = Field(default_factory=ProbePlan)
     mode: Literal["closed", "open"] = "closed"
+    prompts: PromptKind = "token_ids"  # must match the client's: a sweep resumes only its own kind
     max_probes: int = Field(default=12, ge=1)  # decode probes run by this invocation
     prefill_probes: bool = True
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -63,12 +64,13 @@ class SweepOutcome(BaseModel):
 
 def _load(spec: SweepSpec, level: float, kind: Literal["decode", "prefill"]) -> LoadSpec:
     if spec.mode == "closed":
-        return LoadSpec(mode="closed", concurrency=int(level), kind=kind)
-    return LoadSpec(mode="open", request_rate_rps=level, kind=kind)
+        return LoadSpec(mode="closed", concurrency=int(level), kind=kind, prompts=spec.prompts)
+    return LoadSpec(mode="open", request_rate_rps=level, kind=kind, prompts=spec.prompts)
 
 
 def _same_sweep(rec: ProbeRecord, spec: SweepSpec) -> bool:
-    return rec.config.key == spec.config.key and rec.profile.name == spec.profile.name and rec.load.mode == spec.mode
+    return (rec.config.key == spec.config.key and rec.profile.name == spec.profile.name and rec.load.mode == spec.mode
+            and rec.load.prompts == spec.prompts)
 
 
 def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult) -> ProbeRecord:

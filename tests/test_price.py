@@ -95,6 +95,18 @@ def test_cheapest_marked_per_tier():
     assert not rows["L4", "Fast"].cheapest
 
 
+def test_text_prompt_probes_are_priced_apart_from_token_id_probes():
+    """Same config and profile, prompts sent as text: the server tokenizes, so another workload."""
+    text = [p.model_copy(update={"load": p.load.model_copy(update={"prompts": "text"})}) for p in config_a()]
+    text[2] = text[2].model_copy(update={"stats": text[2].stats.model_copy(update={"ttft_s": text[3].stats.ttft_s})})
+    rows = price_records(config_a() + text, [BASELINE], CATALOG)
+    by_workload = {r.profile: r for r in rows}
+    assert set(by_workload) == {"synthetic", "synthetic (text)"}
+    # Text's c=16 probe misses Baseline's TTFT, so its capacity falls to c=4's 3 rps.
+    assert by_workload["synthetic"].capacity_rps == pytest.approx(8.0)
+    assert by_workload["synthetic (text)"].capacity_rps == pytest.approx(3.0)
+
+
 # ----------------------------------------------------------------------------- splits
 def test_ratio_split_and_utilization_margin():
     params = PricingParams(split="ratio", ratio=3.0, utilization=0.5, margin=0.2)

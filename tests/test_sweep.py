@@ -1,6 +1,8 @@
 """The sweep against the mock server, whose capacity is known, and its resume after a crash."""
 
 import itertools
+import json
+import urllib.request
 
 import pytest
 
@@ -84,3 +86,25 @@ async def test_a_crashed_sweep_resumes_without_repeating_probes(mock_server, tmp
     assert len(decode_levels) == len(set(decode_levels)), "no level measured twice"
     assert decode_levels[:3] == [1.0, 2.0, 4.0]
     assert outcome.capacity_level["Mock"] is not None
+
+
+async def test_text_prompt_sweep_is_its_own_sweep_and_sends_text(mock_server, tmp_path):
+    """Text prompts cost the server tokenizing, so a text sweep never reuses token-id probes."""
+    mock = mock_server(MockConfig(latency=LATENCY))
+    out = tmp_path / "mock_cpu.jsonl"
+    await run_sweep(spec(max_probes=2, prefill_probes=False), prober(mock.url), out)
+    text_cfg = ClientConfig(base_url=mock.url, model="mock-model", prompt_format="text")
+    levels = []
+
+    async def text_probe(load, index):
+        assert load.prompts == "text"
+        levels.append(load.level)
+        return await run_probe(text_cfg, load, itertools.repeat((32, 10)), spec().plan)
+
+    await run_sweep(spec(max_probes=2, prefill_probes=False, prompts=text_cfg.prompts), text_probe, out)
+    assert levels == [1.0, 2.0], "token-id probes at the same levels were not reused"
+    records = read_records(out)
+    assert [r.load.prompts for r in records] == ["token_ids"] * 2 + ["text"] * 2
+    assert records[2].workload == "fixed-32-10 (text)" and records[0].workload == "fixed-32-10"
+    heads = [t["head"] for t in json.load(urllib.request.urlopen(f"{mock.url}/mock/timeline")).values()]
+    assert any(h.startswith("t") for h in heads) and any(h[:1].isdigit() for h in heads)  # /detokenize text, then ids
