@@ -18,6 +18,7 @@ payload); where they are missing the connector is plain and callers keep their o
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Callable
 
@@ -51,7 +52,7 @@ class _StampingHandler(ResponseHandler):
 
 
 def stamped_connector(clock: Callable[[], int] = time.perf_counter_ns, **kwargs) -> aiohttp.TCPConnector:
-    if kernel_stamps.SUPPORTED:
+    if kernel_stamps.SUPPORTED and "socket_factory" in inspect.signature(aiohttp.TCPConnector).parameters:  # aiohttp >= 3.12
         kwargs.setdefault("socket_factory", kernel_stamps.client_socket)
     connector = aiohttp.TCPConnector(**kwargs)
     factory = getattr(connector, "_factory", None)
