@@ -32,7 +32,8 @@ from pricing.plan_choices import (
     size_tier,
 )
 from pricing.plan_fleet import AutoscalePolicy, FleetPlan, SpotPlan, SpotPolicy, plan_fleet, plan_spot, week_rates_rps
-from pricing.pricing_math import PriceRow, PricingParams, SourcedProbe, price_records
+from pricing.capacity import SourcedProbe
+from pricing.pricing_math import PriceRow, PricingParams, price_records
 from pricing.profile import DEFAULT_PROFILE, load_profile
 from pricing.schema import DEFAULT_TIERS, SloTier
 

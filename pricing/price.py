@@ -19,15 +19,8 @@ from rich.table import Table
 
 from pricing.catalog import PRICING_TIERS, Catalog, load_catalog, unknown_gpu_error
 from pricing.errors import EXIT_INPUT_ERROR, InputError, format_error, from_validation_error, write_output
-from pricing.pricing_math import (
-    PriceRow,
-    PricingParams,
-    SourcedProbe,
-    fmt_ms,
-    fmt_s,
-    mark_cheapest,
-    price_records,
-)
+from pricing.capacity import SourcedProbe, fmt_ms, fmt_s
+from pricing.pricing_math import PriceRow, PricingParams, mark_cheapest, price_records
 from pricing.schema import DEFAULT_TIERS, SCHEMA_VERSION, ProbeRecord, SloTier
 from pricing.seed_format import SeedServer, looks_like_seed, parse_seed_line, price_seed
 

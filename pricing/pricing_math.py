@@ -1,5 +1,6 @@
-"""Pricing math, pure functions: SLO verdicts, capacity per tier, hourly cost, the cost-recovering
-input/output price split, and the price-row model every output (console, HTML, JSON) is built from.
+"""Pricing math, pure functions: hourly cost, the cost-recovering input/output price split, and
+the price-row model every output (console, HTML, JSON) is built from. Which probe sets the
+capacity is pricing.capacity's business.
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pricing.catalog import PRICING_TIERS, Catalog, PricingTier, gpu_rate_usd_h, unknown_gpu_error
-from pricing.metrics import slo_verdicts
-from pricing.schema import ProbeRecord, SloTier, SloVerdict, WindowStats, config_label
+from pricing.capacity import (
+    SourcedProbe,
+    capacity_is_lower_bound,
+    failure_reason,
+    group_by_config,
+    pick_capacity,
+    pick_prefill,
+)
+from pricing.schema import ProbeRecord, SloTier, WindowStats, config_label
 
 Split = Literal["prefill", "ratio", "seed"]
 MTOK = 1_000_000
@@ -35,19 +43,6 @@ class PricingParams(_Frozen):
     replicas: int = Field(default=1, ge=1)
     region: str | None = None  # energy price and carbon region; the catalog's default when None
     energy_cost: bool = False  # self-hosted: add measured energy x $/kWh (cloud rates include power)
-
-
-@dataclass(frozen=True)
-class SourcedProbe:
-    """A probe record and where it was read from (for file:line in messages)."""
-
-    record: ProbeRecord
-    file: str = "<memory>"
-    line: int = 0
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
 
 
 class PricePair(_Frozen):
@@ -124,25 +119,7 @@ class PriceRow(_Frozen):
         return config_label(self.model, self.scheme, self.tp, self.gpu_count, self.gpu_name) + where
 
 
-# ----------------------------------------------------------------------------------- SLO verdicts
-def fmt_s(value: float) -> str:
-    return f"{value:.3g} s"
-
-
-def fmt_ms(value: float) -> str:
-    return f"{value * 1000:.3g} ms"
-
-
-def tier_verdicts(stats: WindowStats, tier: SloTier) -> list[SloVerdict]:
-    """TTFT and TPOT at the tier's percentile, and the error rate, against the tier's limits
-    (metrics.slo_verdicts: a missing latency sample fails)."""
-    return slo_verdicts(stats, tier)
-
-
-def meets_tier(stats: WindowStats, tier: SloTier) -> bool:
-    return all(v.passed for v in tier_verdicts(stats, tier))
-
-
+# ------------------------------------------------------------------------------------ money
 def request_tokens(stats: WindowStats) -> tuple[float, float]:
     """Mean (input, output) tokens per request behind the window's throughput of a capacity probe
     (request rate > 0, see pick_capacity): token rates over request rate, so that input and
@@ -151,65 +128,6 @@ def request_tokens(stats: WindowStats) -> tuple[float, float]:
     return stats.input_tok_s / stats.request_rate_rps, stats.output_tok_s / stats.request_rate_rps
 
 
-def capacity_is_lower_bound(probes: Sequence[SourcedProbe], tier: SloTier, cap: SourcedProbe) -> bool:
-    """True when no decode probe at a higher load failed `tier`: the search stopped (probe budget,
-    max level) before finding the limit, so the real capacity may be higher."""
-    return not any(p.record.load.kind == "decode" and p.record.load.level > cap.record.load.level
-                   and not meets_tier(p.record.stats, tier) for p in probes)
-
-
-def pick_capacity(probes: Sequence[SourcedProbe], tier: SloTier) -> SourcedProbe | None:
-    """The decode probe with the highest request rate among those meeting `tier` (None if none)."""
-    passing = [
-        p for p in probes
-        if p.record.load.kind == "decode" and p.record.stats.request_rate_rps > 0 and p.record.stats.completed > 0
-        and meets_tier(p.record.stats, tier)
-    ]
-    if not passing:
-        return None
-    return max(passing, key=lambda p: (p.record.stats.request_rate_rps, p.record.stats.output_tok_s))
-
-
-def failure_reason(probes: Sequence[SourcedProbe], tier: SloTier) -> str:
-    """Why no probe of a config meets `tier`, with the best value seen for the binding limit."""
-    decode = [p for p in probes if p.record.load.kind == "decode"]
-    if not decode:
-        return "no decode probes for this config (only prefill probes)"
-    pct = f"p{tier.percentile}"
-    table = [tier_verdicts(p.record.stats, tier) for p in decode]
-    names = {"ttft": f"TTFT {pct}", "tpot": f"TPOT {pct}", "error_rate": "error rate"}
-    shown = {"ttft": fmt_s, "tpot": fmt_ms, "error_rate": lambda x: f"{x:.1%}"}
-    for i, metric in enumerate(("ttft", "tpot", "error_rate")):
-        if not any(row[i].passed for row in table):
-            values = [row[i].value for row in table if row[i].value is not None]
-            limit = shown[metric](table[0][i].limit)
-            if not values:
-                return f"no probe has a {names[metric]} sample (no request completed)"
-            return f"no probe meets {names[metric]} <= {limit}; best {shown[metric](min(values))}"
-    if any(all(v.passed for v in row) for row in table):
-        return "the probes that meet this tier completed no requests"
-    nearest = min(range(len(table)), key=lambda j: sum(not v.passed for v in table[j]))
-    misses = ", ".join(
-        f"{names[v.metric]} {shown[v.metric](v.value)} > {shown[v.metric](v.limit)}"
-        for v in table[nearest] if not v.passed and v.value is not None
-    )
-    level = decode[nearest].record.load
-    return f"no probe meets TTFT, TPOT and errors at once; nearest ({level.mode} load {level.level:g}): {misses}"
-
-
-def pick_prefill(probes: Sequence[SourcedProbe], capacity: SourcedProbe) -> SourcedProbe | None:
-    """The prefill probe whose load level is closest to the capacity probe's (same load mode first)."""
-    prefill = [p for p in probes if p.record.load.kind == "prefill" and p.record.stats.input_tok_s > 0]
-    if not prefill:
-        return None
-    load = capacity.record.load
-    return min(
-        prefill,
-        key=lambda p: (p.record.load.mode != load.mode, abs(p.record.load.level - load.level), -p.record.load.level),
-    )
-
-
-# ------------------------------------------------------------------------------------ money
 def effective_hourly_usd(hourly_usd: float, utilization: float, margin: float) -> float:
     """H_eff = H / utilization x (1 + margin)."""
     return hourly_usd / utilization * (1.0 + margin)
@@ -425,14 +343,6 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
         if power_w is not None else None,
         warnings=warnings,
     )
-
-
-def group_by_config(probes: Sequence[SourcedProbe]) -> dict[tuple[str, str], list[SourcedProbe]]:
-    """Probes of one config under one workload (traffic profile and prompt kind): capacity is only comparable within."""
-    groups: dict[tuple[str, str], list[SourcedProbe]] = {}
-    for probe in probes:
-        groups.setdefault((probe.record.config.key, probe.record.workload), []).append(probe)
-    return groups
 
 
 def price_records(records: Sequence[SourcedProbe | ProbeRecord], tiers: Sequence[SloTier], catalog: Catalog,

@@ -16,7 +16,8 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from pricing.catalog import Catalog
-from pricing.pricing_math import PriceRow, PricingParams, SourcedProbe, group_by_config
+from pricing.capacity import SourcedProbe, group_by_config
+from pricing.pricing_math import PriceRow, PricingParams
 from pricing.schema import SloTier
 
 Hist = tuple[list[float], list[float]]  # bin edges (n + 1), counts (n)

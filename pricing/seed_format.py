@@ -12,13 +12,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pricing.errors import from_validation_error
+from pricing.capacity import fmt_ms, fmt_s
 from pricing.pricing_math import (
     PricePair,
     PriceRow,
     PricingParams,
     effective_hourly_usd,
-    fmt_ms,
-    fmt_s,
     per_mtok,
     ratio_split,
     seed_split,

@@ -17,9 +17,9 @@ from rich.console import Console
 from pricing.catalog import load_catalog
 from pricing.errors import InputError
 from pricing.price import PricesFile, load_records, main, parse_tiers
+from pricing.capacity import SourcedProbe
 from pricing.pricing_math import (
     PricingParams,
-    SourcedProbe,
     cost_per_request_usd,
     effective_hourly_usd,
     price_records,

@@ -12,7 +12,8 @@ from fixtures.pricing_builders import PROBES_FILE, SEED_FILE
 
 from pricing.catalog import load_catalog
 from pricing.price import load_records
-from pricing.pricing_math import PricingParams, SourcedProbe, mark_cheapest, price_records
+from pricing.capacity import SourcedProbe
+from pricing.pricing_math import PricingParams, mark_cheapest, price_records
 from pricing.report import build_figures, build_report_html, profile_histograms
 from pricing.schema import DEFAULT_TIERS
 from pricing.seed_format import price_seed
@@ -106,7 +107,6 @@ def test_report_renders_in_headless_chromium(tmp_path, report_html):
 def test_client_vs_server_ttft_figure_only_when_scraped():
     from pathlib import Path
 
-    from pricing.pricing_math import SourcedProbe
     from pricing.report import fig_ttft_client_vs_server
     from pricing.schema import ProbeRecord
 
