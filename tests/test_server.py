@@ -341,7 +341,24 @@ def test_real_vllm_serves_the_tiny_shape_and_stops_cleanly(vllm_lock: None, tmp_
         chat = _post(server.base_url, "/v1/chat/completions", {
             "model": "tiny", "messages": [{"role": "user", "content": " ab cd"}], "max_tokens": 4})
         assert chat["usage"]["prompt_tokens"] == 3  # the shape's chat template: BOS + the content
+        _text_prompts_through_detokenize(server.base_url)
     assert not group_alive(pgid)
+
+
+def _text_prompts_through_detokenize(url: str) -> None:
+    """Our client's text prompts (random ids through vLLM's /detokenize), as `--prompt-format text`."""
+    import asyncio
+    import itertools
+
+    from pricing.client import ClientConfig, ProbePlan, run_probe
+    from pricing.schema import LoadSpec
+
+    cfg = ClientConfig(base_url=url, model="tiny", prompt_format="text", vocab_size=4096)
+    result = asyncio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=2), itertools.repeat((40, 4)),
+                                   ProbePlan(min_window_s=0.5, min_requests=3)))
+    assert result.stats.failed == 0 and result.stats.completed >= 3, result.aborted
+    # Re-tokenized text need not keep the count, but it is a prompt of about that length.
+    assert all(10 <= r.prompt_tokens <= 200 and r.completion_tokens == 4 for r in result.records if r.ok)
 
 
 @pytest.mark.vllm
