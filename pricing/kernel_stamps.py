@@ -26,6 +26,14 @@ _ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if SUPPORTED else 0
 _MAX_LAG_NS = 10 * 10**9  # a "lag" outside 0..10 s means the wall clock stepped: ignore it
 
 
+def _ask_for_stamps(sock: socket.socket) -> None:
+    if SUPPORTED:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:  # an architecture with another option number: reads keep their own time
+            pass
+
+
 class StampedSocket(socket.socket):
     """A socket whose every `recv` notes how long the data waited in the kernel."""
 
@@ -33,8 +41,7 @@ class StampedSocket(socket.socket):
 
     def enable(self) -> StampedSocket:
         self.lag_ns: int | None = None
-        if SUPPORTED:
-            self.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        _ask_for_stamps(self)
         return self
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -71,8 +78,7 @@ def listener(host: str, port: int, backlog: int) -> StampedListener:
     # proto named, as getaddrinfo would: asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets
     sock = StampedListener(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if SUPPORTED:  # set here too, so segments that arrive before accept() are stamped
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    _ask_for_stamps(sock)  # here too, so segments that arrive before accept() are stamped
     sock.bind((host, port))
     sock.listen(backlog)
     sock.setblocking(False)
