@@ -61,7 +61,7 @@ sweep)
     name=$1 profile=$2; shift 2
     mapfile -t c < "$STATE/$name.conf"  # model scheme tp gpus port dir
     exec env CUDA_VISIBLE_DEVICES=${c[3]} python3 -m pricing.bench --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" \
-        --scheme "${c[1]}" --tp "${c[2]}" --profile "$profile" --max-model-len "$MAX_MODEL_LEN" \
+        --scheme "${c[1]}" --tp "${c[2]}" --profile "$profile" --max-model-len "$MAX_MODEL_LEN" --tokenizer "${c[5]}" \
         --out "$RESULTS/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu())').jsonl" "$@"
     ;;
 parallel)  # one sweep per argument, each on its own server; logs in /root/sweep-N.txt

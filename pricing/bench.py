@@ -21,6 +21,7 @@ from pricing.bench_progress import ProbeProgress
 from pricing.client import ClientConfig, ProbePlan, ProbeResult
 from pricing.measured_probe import measured_probe
 from pricing.profile import DEFAULT_PROFILE, load_profile
+from pricing.prompts import load_tokenizer
 from pricing.errors import InputError
 from pricing.price import parse_tiers
 from pricing.schema import DeploymentConfig, LoadSpec
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-format", choices=["token_ids", "text"], default="token_ids",
                    help="completions prompts as token ids (no tokenizing on the server) or text, as vllm bench "
                         "and most clients send them (the server's tokenizing then counts in TTFT)")
+    p.add_argument("--tokenizer", help="local tokenizer (folder or HF id) that makes text prompts (default: the served "
+                   "model's folder when it is local; else the server's /detokenize)")
     p.add_argument("--mode", choices=["closed", "open"], default="closed", help="sweep concurrency or request rate")
     p.add_argument("--tier", nargs="*", help="tiers to search: Baseline, Fast, Instant (default: all) or NAME:TTFT_S:TPOT_S[:P[:ERR]]")
     p.add_argument("--max-probes", type=int, default=12, help="decode probes in this run (rerun to continue)")
@@ -126,10 +129,26 @@ def quantize_checkpoint(model: str, scheme: str, checkpoint: Path) -> None:
         raise ValueError(f"quantizing {model} to {scheme} failed (see the line above); nothing was served")
 
 
+def _text_tokenizer(args: argparse.Namespace, resolved) -> str | None:
+    """The local tokenizer for text prompts, checked now so a bad one fails before any probe."""
+    if args.prompt_format == "token_ids" and args.endpoint != "chat":
+        return None
+    name = args.tokenizer or (resolved.model if resolved is not None and resolved.is_local else None)
+    if name is None:
+        return None
+    try:
+        load_tokenizer(name)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's one-line error
+        raise ValueError(f"--tokenizer {name}: cannot load it ({type(exc).__name__}: {exc}); "
+                         "name a tokenizer folder, or leave --tokenizer out to use the server's /detokenize") from None
+    return name
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     tiers = parse_tiers(args.tier)
     profile = load_profile(args.profile)
     resolved = prepare_model(args.model, args.scheme, args.models_dir) if not args.url else None
+    tokenizer = _text_tokenizer(args, resolved)
     gpu_name = detect_gpu() if args.gpu == "auto" else args.gpu
     model_label = Path(args.model).name if args.model not in SHAPES else args.model
     out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
@@ -154,7 +173,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
         client = ClientConfig(
             base_url=server.base_url, model=server.served_model_name or model_label, endpoint=args.endpoint,
-            prompt_format=args.prompt_format,
+            prompt_format=args.prompt_format, tokenizer=tokenizer,
             api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
         )
         pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)

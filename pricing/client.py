@@ -35,6 +35,7 @@ class ClientConfig(BaseModel):
     model: str
     endpoint: str = Field(default="completions", pattern="^(completions|chat)$")
     prompt_format: Literal["token_ids", "text"] = "token_ids"  # for completions; chat sends text
+    tokenizer: str | None = None  # local tokenizer for text prompts; without one, the server's /detokenize
     api_key: SecretStr | None = None  # SecretStr: never printed or dumped in clear
     request_timeout_s: float = Field(default=600.0, gt=0)
     stall_timeout_s: float = Field(default=60.0, gt=0)  # no bytes for this long -> "timeout"

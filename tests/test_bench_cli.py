@@ -76,3 +76,10 @@ def test_probe_line_warns_when_the_prefix_cache_served_the_prompts():
     warm = record.model_copy(update={"server_metrics": {"prefix_cache_hit_frac": 0.55}})
     assert "prefix cache" not in describe_probe(cold)
     assert "prefix cache served 55% of prompt tokens" in describe_probe(warm)
+
+
+def test_a_tokenizer_that_does_not_load_is_one_clear_error_before_any_server(capsys, tmp_path):
+    args = ["--url", "http://127.0.0.1:9", "--profile", "fixed:16:8", "--prompt-format", "text", "--tokenizer", str(tmp_path / "nope")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --tokenizer {tmp_path / 'nope'}: cannot load it"), err
