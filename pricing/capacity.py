@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pricing.metrics import slo_verdicts
-from pricing.schema import ProbeRecord, SloTier, SloVerdict, WindowStats
+from pricing.metrics import meets, slo_verdicts
+from pricing.schema import ProbeRecord, SloTier
 
 
 @dataclass(frozen=True)
@@ -40,21 +40,11 @@ def fmt_ms(value: float) -> str:
     return f"{value * 1000:.3g} ms"
 
 
-def tier_verdicts(stats: WindowStats, tier: SloTier) -> list[SloVerdict]:
-    """TTFT and TPOT at the tier's percentile, and the error rate, against the tier's limits
-    (metrics.slo_verdicts: a missing latency sample fails)."""
-    return slo_verdicts(stats, tier)
-
-
-def meets_tier(stats: WindowStats, tier: SloTier) -> bool:
-    return all(v.passed for v in tier_verdicts(stats, tier))
-
-
 def capacity_is_lower_bound(probes: Sequence[SourcedProbe], tier: SloTier, cap: SourcedProbe) -> bool:
     """True when no decode probe at a higher load failed `tier`: the search stopped (probe budget,
     max level) before finding the limit, so the real capacity may be higher."""
     return not any(p.record.load.kind == "decode" and p.record.load.level > cap.record.load.level
-                   and not meets_tier(p.record.stats, tier) for p in probes)
+                   and not meets(p.record.stats, tier) for p in probes)
 
 
 def pick_capacity(probes: Sequence[SourcedProbe], tier: SloTier) -> SourcedProbe | None:
@@ -62,7 +52,7 @@ def pick_capacity(probes: Sequence[SourcedProbe], tier: SloTier) -> SourcedProbe
     passing = [
         p for p in probes
         if p.record.load.kind == "decode" and p.record.stats.request_rate_rps > 0 and p.record.stats.completed > 0
-        and meets_tier(p.record.stats, tier)
+        and meets(p.record.stats, tier)
     ]
     if not passing:
         return None
@@ -75,7 +65,7 @@ def failure_reason(probes: Sequence[SourcedProbe], tier: SloTier) -> str:
     if not decode:
         return "no decode probes for this config (only prefill probes)"
     pct = f"p{tier.percentile}"
-    table = [tier_verdicts(p.record.stats, tier) for p in decode]
+    table = [slo_verdicts(p.record.stats, tier) for p in decode]
     names = {"ttft": f"TTFT {pct}", "tpot": f"TPOT {pct}", "error_rate": "error rate"}
     shown = {"ttft": fmt_s, "tpot": fmt_ms, "error_rate": lambda x: f"{x:.1%}"}
     for i, metric in enumerate(("ttft", "tpot", "error_rate")):
