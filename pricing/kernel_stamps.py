@@ -7,7 +7,7 @@ kernel notes each segment's arrival and `recvmsg` hands that time back with the 
 
 `StampedSocket.recv` is what asyncio's selector transport calls for each read, so a protocol
 can ask its transport's socket how long the bytes it was just given had waited (`read_lag_ns`)
-and subtract that from its own clock. uvloop reads through libuv and never calls it: there,
+and take that off its own clock (`arrival_ns`). uvloop reads through libuv and never calls it: there,
 and off Linux, `read_lag_ns` gives None and callers keep the time of the read.
 """
 
@@ -92,3 +92,8 @@ def read_lag_ns(transport: asyncio.BaseTransport | None) -> int | None:
     uvloop's transports included, gives None."""
     sock = getattr(transport, "_sock", None)
     return sock.lag_ns if isinstance(sock, StampedSocket) else None
+
+
+def arrival_ns(transport: asyncio.BaseTransport | None, now_ns: int) -> int:
+    """When the bytes of the transport's last read arrived, on the clock that read `now_ns`."""
+    return now_ns - (read_lag_ns(transport) or 0)

@@ -98,7 +98,7 @@ class HttpProtocol(asyncio.Protocol):
             self.worker.cancel()
 
     def data_received(self, data: bytes) -> None:
-        now = ns() - (kernel_stamps.read_lag_ns(self.transport) or 0)  # when the bytes arrived
+        now = kernel_stamps.arrival_ns(self.transport, ns())
         self.buffer += data
         while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
             head = self.buffer[:end].decode("latin-1").split("\r\n")

@@ -35,10 +35,7 @@ class _StampingHandler(ResponseHandler):
         self.read_log: tuple[object, list[tuple[int, int]]] | None = None  # (payload, [(ns, body bytes so far)])
 
     def data_received(self, data: bytes) -> None:
-        now = self._clock()
-        lag = kernel_stamps.read_lag_ns(self.transport)
-        if lag is not None:
-            now -= lag
+        now = kernel_stamps.arrival_ns(self.transport, self._clock())
         super().data_received(data)
         payload = getattr(self, "_payload", None)
         total = getattr(payload, "total_bytes", None)
