@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from pricing.metrics import CANCELLED, window_stats
-from pricing.prompts import PromptFactory
+from pricing.prompts import PromptFactory, PromptSource
 from pricing.read_stamps import ReadLog, stamped_connector
 from pricing.schema import EnergyStats, LoadSpec, PromptKind, RequestRecord, WindowStats
 from pricing.sse import parse_stream
@@ -276,8 +276,12 @@ async def run_probe(
 
 async def _run_probe(cfg, load, pairs, plan: ProbePlan, on_record, clock) -> ProbeResult:
     state = _RunState(plan=plan, load=load, on_record=on_record)
+    with PromptFactory(cfg) as prompts:  # new token ids every probe: nothing for the prefix cache
+        return await _drive(cfg, load, pairs, state, prompts, clock)
+
+
+async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clock) -> ProbeResult:
     limit = load.concurrency or 0
-    prompts = PromptFactory(cfg)  # new token ids every probe: nothing for the prefix cache
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
     connector = stamped_connector(clock, limit=limit, limit_per_host=limit)
     # read_bufsize: a stream is read once, when it ends, so its buffer must hold a whole reply
@@ -285,13 +289,15 @@ async def _run_probe(cfg, load, pairs, plan: ProbePlan, on_record, clock) -> Pro
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[sent_stamp_trace(clock)],
                                      read_bufsize=READ_BUFSIZE) as session:
 
+        source = PromptSource(prompts, session, pairs, ahead=max(limit, 16))
+
         async def send_next() -> RequestRecord:
-            isl, osl = next(pairs)
+            isl, osl, prompt = await source.next()
             osl = 1 if load.kind == "prefill" else osl
-            try:
-                prompt = await prompts.prompt(session, isl)
-            except aiohttp.ClientError as exc:
-                return _failed_before_send(isl, osl, f"prompt_{type(exc).__name__}", clock)
+            if isinstance(prompt, aiohttp.ClientError):
+                return _failed_before_send(isl, osl, f"prompt_{type(prompt).__name__}", clock)
+            if isinstance(prompt, Exception):
+                raise prompt
             return await send_request(session, cfg, prompt, isl, osl, clock)
 
         if load.mode == "closed":
@@ -300,6 +306,7 @@ async def _run_probe(cfg, load, pairs, plan: ProbePlan, on_record, clock) -> Pro
             tasks = [asyncio.create_task(_open_loop(state, send_next, cfg.seed, clock))]
         await _controller(state, clock)
         drain_ns = clock()
+        source.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
