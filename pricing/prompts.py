@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import numpy as np
+
+
+# Threads that make text prompts. Fitting a 1,807-token prompt takes 5-15 ms (tiny shape,
+# Llama-3 tokenizer); one thread made about 55 a second, so a probe wanting more (c=256 on the
+# mock wanted 190 req/s) waited on its prompts. The fast tokenizer lets go of the GIL while it
+# encodes, so threads add up, as far as there are cores.
+TEXT_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class PromptFactory:
@@ -29,34 +38,41 @@ class PromptFactory:
         # probes to one server, and probes replaying the same token sequences hit vLLM's prefix
         # cache (50-99% of prompt tokens cached from the second probe on, seen on an H200),
         # understating TTFT and the cost of prefill.
-        self._rng = np.random.default_rng(seed)
+        self._seeds = np.random.SeedSequence(seed)
+        self._rng = np.random.default_rng(self._seeds.spawn(1)[0])
         vocab = cfg.vocab_size
         # Keep clear of the ends of the vocabulary, where special tokens usually live.
         self._low, self._high = 1, vocab - min(256, vocab // 8)
         self._tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and cfg.prompts != "token_ids" else None
-        # Fitting text costs a few ms of encoding per prompt (2 ms at 1,807 tokens, tiny shape).
-        # On the event loop that would hold up every other stream's sends; the fast tokenizer
-        # lets go of the GIL while it encodes, so one thread makes them aside. One thread: the
-        # tokenizer and the random generator are not shared safely between threads.
-        self._text_thread = ThreadPoolExecutor(1, thread_name_prefix="prompts") if self._tokenizer else None
+        # Text is made aside, so the event loop goes on sending and reading (on the loop, each
+        # prompt held every stream ~5 ms). Each thread draws from its own generator: numpy's
+        # are not to be shared between threads.
+        self._text_threads = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="prompts") if self._tokenizer else None
+        self._thread_rng = threading.local()
+        self._spawn_lock = threading.Lock()
 
     def __enter__(self) -> PromptFactory:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._text_thread:
-            self._text_thread.shutdown(wait=False, cancel_futures=True)
+        if self._text_threads:
+            self._text_threads.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def makers(self) -> int:
+        """How many prompts can be in the making at once."""
+        return TEXT_THREADS if self._text_threads else 1
 
     @property
     def kind(self) -> str:
         return self._cfg.prompts
 
-    def token_ids(self, n: int) -> list[int]:
-        return self._rng.integers(self._low, self._high, size=max(n, 1)).tolist()
+    def token_ids(self, n: int, rng: np.random.Generator | None = None) -> list[int]:
+        return (rng or self._rng).integers(self._low, self._high, size=max(n, 1)).tolist()
 
     async def prompt(self, session: aiohttp.ClientSession, isl: int) -> list[int] | str:
-        if self._text_thread:
-            return await asyncio.get_running_loop().run_in_executor(self._text_thread, self._fitted_text, isl)
+        if self._text_threads:
+            return await asyncio.get_running_loop().run_in_executor(self._text_threads, self._fitted_text, isl)
         ids = self.token_ids(isl)
         if self._cfg.prompts == "token_ids":
             return ids
@@ -66,7 +82,11 @@ class PromptFactory:
             return (await resp.json())["prompt"]
 
     def _fitted_text(self, isl: int) -> str:
-        return fitted_text(self._tokenizer, self.token_ids(isl), isl, self.token_ids)
+        rng = getattr(self._thread_rng, "rng", None)
+        if rng is None:
+            with self._spawn_lock:  # spawning counts children: one thread at a time
+                rng = self._thread_rng.rng = np.random.default_rng(self._seeds.spawn(1)[0])
+        return fitted_text(self._tokenizer, self.token_ids(isl, rng), isl, lambda n: self.token_ids(n, rng))
 
 
 class PromptSource:
@@ -85,10 +105,10 @@ class PromptSource:
                  ahead: int) -> None:
         self._factory, self._session, self._pairs = factory, session, pairs
         self._ready: asyncio.Queue | None = None
-        self._maker: asyncio.Task | None = None
+        self._makers: list[asyncio.Task] = []
         if factory.kind != "token_ids":
             self._ready = asyncio.Queue(maxsize=max(ahead, 1))
-            self._maker = asyncio.create_task(self._make_ahead())
+            self._makers = [asyncio.create_task(self._make_ahead()) for _ in range(factory.makers)]
 
     async def _made(self, isl: int) -> list[int] | str | Exception:
         try:
@@ -108,8 +128,8 @@ class PromptSource:
         return await self._ready.get()
 
     def close(self) -> None:
-        if self._maker:
-            self._maker.cancel()
+        for maker in self._makers:
+            maker.cancel()
 
 
 @functools.lru_cache(maxsize=4)
@@ -127,18 +147,31 @@ def fitted_text(tokenizer, ids: list[int], isl: int, more_ids: Callable[[int], l
     text that encodes again into a different count, so cut or extend and retry. A cut can land
     where the text's tail reads back one token longer every time (a fixed point), so each cut
     that overshoots again keeps one token fewer than the last."""
-    text = tokenizer.decode(ids)
+    encode, decode = _codec(tokenizer)
+    text = decode(ids)
     overshoots = 0
     for _ in range(tries):
-        again = tokenizer.encode(text, add_special_tokens=False)
+        again = encode(text)
         if len(again) == isl:
             break
         keep = isl - overshoots
         if len(again) > isl and keep >= 1:
-            text = tokenizer.decode(again[:keep])
+            text = decode(again[:keep])
             overshoots += 1
         elif len(again) > isl:  # nothing left to cut (a lone byte token reads back as 3): start afresh
-            text, overshoots = tokenizer.decode(more_ids(isl)), 0
+            text, overshoots = decode(more_ids(isl)), 0
         else:
-            text += tokenizer.decode(more_ids(isl - len(again)))
+            text += decode(more_ids(isl - len(again)))
     return text
+
+
+def _codec(tokenizer) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """Encode and decode without special tokens. A fast tokenizer's Rust backend is called
+    directly: transformers' own `encode` resets truncation on the shared backend every call,
+    which fails ("Already borrowed") when threads encode at once. Its batch calls, with a batch
+    of one: they let go of the GIL while they work, and the single ones do not (a thread
+    spinning beside `encode` of 8,000 tokens got 7% of its speed; beside `encode_batch`, 78%)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return (lambda text: tokenizer.encode(text, add_special_tokens=False)), tokenizer.decode
+    return (lambda text: backend.encode_batch([text], add_special_tokens=False)[0].ids), (lambda ids: backend.decode_batch([ids])[0])
