@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_reference.sh sweep NAME PROFILE [bench args...]       # attach, sweep, resume
 #   bash benchmarks/gpu_reference.sh parallel "NAME PROFILE [args]" "NAME ..." # sweeps side by side
 #   bash benchmarks/gpu_reference.sh peer NAME ISL OSL CONCURRENCY PROMPTS    # vllm bench serve
+#   bash benchmarks/gpu_reference.sh peercheck NAME ISL OSL CONCURRENCY [peer_check args...]
+#        ours (token ids, text) then vllm bench, compared (benchmarks/peer_check.py)
 #   bash benchmarks/gpu_reference.sh stop NAME...
 #   bash benchmarks/gpu_reference.sh collect                 # results + logs -> $OUT/results.tgz
 set -euo pipefail
@@ -20,7 +22,7 @@ MAX_MODEL_LEN=${MAX_MODEL_LEN:-8192}
 mkdir -p "$STATE" "$RESULTS" /root/models /root/checkpoints
 cmd=$1; shift
 # The device tool gives a host back after 30 s idle; the next call then lands on a fresh one.
-if [[ $cmd =~ ^(serve|sweep|peer|parallel)$ && ! -d /root/vllm-site ]]; then
+if [[ $cmd =~ ^(serve|sweep|peer|peercheck|parallel)$ && ! -d /root/vllm-site ]]; then
     echo "no /root/vllm-site: this is a fresh host (the last was given back); unpack the bundle again" >&2; exit 3
 fi
 
@@ -85,6 +87,12 @@ peer)
         --random-output-len "$osl" --ignore-eos --max-concurrency "$conc" --num-prompts "$prompts" \
         --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --save-result --save-detailed \
         --result-dir "$RESULTS" --result-filename "peer_vllm_bench_${name}_c${conc}.json"
+    ;;
+peercheck)
+    name=$1 isl=$2 osl=$3 conc=$4; shift 4
+    mapfile -t c < "$STATE/$name.conf"
+    exec python3 benchmarks/peer_check.py --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" --tokenizer "${c[5]}" \
+        --isl "$isl" --osl "$osl" --concurrency "$conc" --json "$RESULTS/peer_check_${name}_c${conc}.json" "$@"
     ;;
 stop)
     for name in "$@"; do kill -TERM -- "-$(cat "$STATE/$name.pid")" 2>/dev/null || true; done
