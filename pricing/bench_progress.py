@@ -24,6 +24,7 @@ def describe_probe(rec: ProbeRecord) -> str:
         f"{s.output_tok_s:.0f} out tok/s, p90 TTFT {ttft}, p90 TPOT {tpot}, errors {s.failed}; passes: {passed}"
         + (f" [{rec.note}]" if rec.note else "")
         + _cache_warning(rec)
+        + "".join(f" [{w}]" for w in rec.warnings)
     )
 
 

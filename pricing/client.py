@@ -70,6 +70,11 @@ class ProbeResult:
     aborted: str | None = None  # why the probe stopped early, if it did
     energy: EnergyStats | None = None  # filled by measured_probe when a GPU is metered
     server_metrics: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)  # the measurement's own shortcomings
+
+
+# Requests may wait this share of the probe for their prompts before the probe says so.
+PROMPT_WAIT_WARN_FRAC = 0.02
 
 
 @dataclass
@@ -84,6 +89,8 @@ class _RunState:
     fail_count: int = 0
     window_completions: int = 0
     aborted: str | None = None
+    prompt_wait_ns: int = 0  # in the window, summed over requests: time spent waiting for a prompt
+    prompts_taken: int = 0  # in the window
 
     def add(self, rec: RequestRecord) -> None:
         self.records.append(rec)
@@ -292,7 +299,11 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
         source = PromptSource(prompts, session, pairs, ahead=max(limit, 16))
 
         async def send_next() -> RequestRecord:
+            asked_ns = clock()
             isl, osl, prompt = await source.next()
+            if state.window_start_ns is not None:
+                state.prompt_wait_ns += clock() - asked_ns
+                state.prompts_taken += 1
             osl = 1 if load.kind == "prefill" else osl
             if isinstance(prompt, aiohttp.ClientError):
                 return _failed_before_send(isl, osl, f"prompt_{type(prompt).__name__}", clock)
@@ -313,7 +324,24 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
 
     w0 = state.window_start_ns if state.window_start_ns is not None else drain_ns
     records = sorted(state.records, key=lambda r: r.start_ns)
-    return ProbeResult(records, w0, drain_ns, window_stats(records, w0, drain_ns), state.aborted)
+    result = ProbeResult(records, w0, drain_ns, window_stats(records, w0, drain_ns), state.aborted)
+    warning = _prompt_wait_warning(state, result.stats.e2e_s.mean)
+    if warning:
+        result.warnings.append(warning)
+    return result
+
+
+def _prompt_wait_warning(state: _RunState, mean_e2e_s: float | None) -> str | None:
+    """Text prompts are made ahead; if the makers fell behind, requests went out late and the
+    server saw less load than the probe names (closed loop: each worker idled that long)."""
+    if not state.prompts_taken or not mean_e2e_s:
+        return None
+    wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9
+    share = wait_s / (wait_s + mean_e2e_s)
+    if share <= PROMPT_WAIT_WARN_FRAC:
+        return None
+    return (f"requests waited {wait_s * 1e3:.0f} ms each for their text prompts ({share:.0%} of their time): "
+            "the load was lower than asked; send token ids (--prompt-format token_ids) or give the client more cores")
 
 
 def _failed_before_send(isl: int, osl: int, error: str, clock: Callable[[], int]) -> RequestRecord:

@@ -205,6 +205,7 @@ class ProbeRecord(BaseModel):
     # SLO verdicts at record time; the pricer recomputes them for whatever tiers it is given.
     tiers_passed: list[str] = Field(default_factory=list)
     note: str | None = None
+    warnings: list[str] = Field(default_factory=list)  # about the measurement (e.g. the client fell behind)
 
     @property
     def workload(self) -> str:

@@ -87,6 +87,7 @@ def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult)
         server_metrics=result.server_metrics,
         tiers_passed=passed,
         note=result.aborted,
+        warnings=result.warnings,
     )
 
 

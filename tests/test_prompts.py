@@ -91,3 +91,14 @@ async def test_text_prompts_are_made_ahead_so_workers_never_wait_for_them(tiny_t
     e2e = result.stats.e2e_s.p50
     assert 0.045 < e2e < 0.060
     assert result.stats.request_rate_rps > 0.9 * 2 / e2e  # on demand it would be 2 / (e2e + 0.015): 0.77x
+    assert result.warnings == []
+
+    # 8 workers want 160 prompts/s; makers of 60 ms each (at most 4 threads) give 67 or fewer.
+    def slower_fitted_text(tokenizer, ids, isl, more_ids):
+        time.sleep(0.060)
+        return "word " * isl
+
+    monkeypatch.setattr(prompts_module, "fitted_text", slower_fitted_text)
+    starved = await run_probe(cfg, LoadSpec(mode="closed", concurrency=8), itertools.repeat((16, 9)),
+                              ProbePlan(min_window_s=2.0, min_requests=20))
+    assert len(starved.warnings) == 1 and "waited" in starved.warnings[0] and "token ids" in starved.warnings[0]
