@@ -47,12 +47,12 @@ VLLM_BENCH_SERVE = [sys.executable, "-c", "import sys; from vllm.benchmarks.serv
                     "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
                     "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"]
 
-METRICS = {  # our name -> (vllm bench result key, scale to our unit, label)
-    "output_tok_s": ("output_throughput", 1.0, "out tok/s"),
-    "request_rate_rps": ("request_throughput", 1.0, "req/s"),
-    "ttft_p50_ms": ("p50_ttft_ms", 1.0, "TTFT p50 ms"),
-    "ttft_p90_ms": ("p90_ttft_ms", 1.0, "TTFT p90 ms"),
-    "tpot_p90_ms": ("p90_tpot_ms", 1.0, "TPOT p90 ms"),
+METRICS = {  # our name -> (vllm bench result key, in the same unit; label)
+    "output_tok_s": ("output_throughput", "out tok/s"),
+    "request_rate_rps": ("request_throughput", "req/s"),
+    "ttft_p50_ms": ("p50_ttft_ms", "TTFT p50 ms"),
+    "ttft_p90_ms": ("p90_ttft_ms", "TTFT p90 ms"),
+    "tpot_p90_ms": ("p90_tpot_ms", "TPOT p90 ms"),
 }
 
 
@@ -110,7 +110,7 @@ def vllm_bench(base_url: str, model: str, tokenizer: str, isl: int, osl: int, co
             tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
             raise SystemExit(f"vllm bench serve exited {run.returncode}: {tail[0]}")
         raw = json.loads(Path(tmp, "bench.json").read_text())
-    out = {ours_key: raw[key] * scale for ours_key, (key, scale, _) in METRICS.items()}
+    out = {ours_key: raw[key] for ours_key, (key, _) in METRICS.items()}
     out["requests"] = raw["completed"]
     return out, bench_in_our_window(raw, concurrency)
 
@@ -122,7 +122,7 @@ def gap(value: float, reference: float) -> str:
 def report(console: Console, runs: dict[str, list[dict[str, float]]]) -> None:
     table = Table(title="each run")
     table.add_column("round"), table.add_column("client"), table.add_column("requests", justify="right")
-    for _, _, label in METRICS.values():
+    for _, label in METRICS.values():
         table.add_column(label, justify="right")
     for name, rows in runs.items():
         for i, row in enumerate(rows, 1):
@@ -134,7 +134,7 @@ def report(console: Console, runs: dict[str, list[dict[str, float]]]) -> None:
     table.add_column("metric")
     for name in runs:
         table.add_column(name, justify="right")
-    for key, (_, _, label) in METRICS.items():
+    for key, (_, label) in METRICS.items():
         ref = medians["vllm bench"][key]
         table.add_row(label, *(f"{medians[n][key]:,.2f}" + ("" if n == "vllm bench" else f" ({gap(medians[n][key], ref)})")
                                  for n in runs))

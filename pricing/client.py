@@ -73,7 +73,8 @@ class ProbeResult:
     warnings: list[str] = field(default_factory=list)  # the measurement's own shortcomings
 
 
-# Requests may wait this share of the probe for their prompts before the probe says so.
+# Requests may spend this share of their time (wait + end-to-end) waiting for their prompts
+# before the probe says so.
 PROMPT_WAIT_WARN_FRAC = 0.02
 
 

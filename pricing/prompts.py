@@ -93,7 +93,7 @@ class PromptSource:
     """The next (input length, output length, prompt) of a probe.
 
     Token ids are drawn when asked (microseconds). Text takes milliseconds to make (or a
-    /detokenize round trip), so it is made ahead, up to `depth` prompts, as `vllm bench serve`
+    /detokenize round trip), so it is made ahead, up to `ahead` prompts, as `vllm bench serve`
     makes every prompt before it starts: a closed-loop worker then sends its next request the
     moment its last one ends. Made on demand, a lockstep round of N workers waited for N
     prompts from one thread: on the 2-core VM, 8 streams of 1,807 tokens delivered 26% less
@@ -154,14 +154,13 @@ def fitted_text(tokenizer, ids: list[int], isl: int, more_ids: Callable[[int], l
         again = encode(text)
         if len(again) == isl:
             break
-        keep = isl - overshoots
-        if len(again) > isl and keep >= 1:
-            text = decode(again[:keep])
-            overshoots += 1
-        elif len(again) > isl:  # nothing left to cut (a lone byte token reads back as 3): start afresh
-            text, overshoots = decode(more_ids(isl)), 0
-        else:
+        if len(again) < isl:
             text += decode(more_ids(isl - len(again)))
+        elif isl - overshoots >= 1:
+            text = decode(again[:isl - overshoots])
+            overshoots += 1
+        else:  # nothing left to cut (a lone byte token reads back as 3): start afresh
+            text, overshoots = decode(more_ids(isl)), 0
     return text
 
 
