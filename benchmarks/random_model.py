@@ -1,4 +1,4 @@
-"""Write a random-weight model of a shape (config + tokenizer from pricing.shapes, weights drawn
+"""Write a random-weight model of a shape (config + tokenizer from pricing.serving.shapes, weights drawn
 from the config's initializer) so the quantizer can be run for real on an architecture whose
 weights are not at hand, e.g. the Llama-3.1-8B shape on a GPU host with no hub access.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from pricing.shapes import SHAPES, write_shape
+from pricing.serving.shapes import SHAPES, write_shape
 
 
 def write_random_model(shape: str, out: Path, seed: int = 0) -> Path:

@@ -6,52 +6,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from pricing import aio
-from pricing.bench_progress import ProbeProgress
-from pricing.client import ClientConfig, ProbePlan, ProbeResult
-from pricing.measured_probe import measured_probe
-from pricing.profile import DEFAULT_PROFILE, load_profile
-from pricing.prompts import load_tokenizer
+from pricing.capacity.search import SearchParams
+from pricing.capacity.sweep import SweepSpec, run_sweep
 from pricing.errors import InputError
-from pricing.price import parse_tiers
+from pricing.load import event_loop as aio
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.measure.probe import ProbeResult, measured_probe
+from pricing.measure.slo import parse_tiers
+from pricing.measure.telemetry import open_gpu_meter
+from pricing.report.progress import ProbeProgress
 from pricing.schema import DeploymentConfig, LoadSpec
-from pricing.search import SearchParams
-from pricing.server import ServerSpec, ServerStartError, VllmServer, attach
-from pricing.shapes import SHAPES, read_json, resolve_model, write_shape
-from pricing.sweep import SweepSpec, run_sweep
-from pricing.telemetry import open_gpu_meter
-
-# nvidia-smi names -> catalog keys; anything else is used as printed (the pricer then asks for --catalog).
-GPU_NAMES = (
-    (r"H200", "H200"),
-    (r"H100.*PCIe", "H100-PCIe"),
-    (r"H100", "H100-SXM"),
-    (r"B200", "B200"),
-    (r"A100.*80", "A100-80GB"),
-    (r"L40S", "L40S"),
-    (r"\bL4\b", "L4"),
+from pricing.serving.prepare import detect_gpu, prepare_model
+from pricing.serving.server import (
+    ServerSpec,
+    ServerStartError,
+    VllmServer,
+    attach,
+    sigterm_as_exit,
 )
-
-
-def detect_gpu() -> str:
-    """Catalog name of the first visible GPU; "cpu" without any. (A server's GPU count is its TP.)"""
-    if shutil.which("nvidia-smi") is None:
-        return "cpu"
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    if out.returncode != 0 or not names:
-        return "cpu"
-    return next((key for pattern, key in GPU_NAMES if re.search(pattern, names[0])), names[0])
+from pricing.serving.shapes import SHAPES
+from pricing.workload.profile import DEFAULT_PROFILE, load_profile
+from pricing.workload.prompts import load_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,48 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-arg", action="append", default=[], help="passed to vllm serve as is (repeatable)")
     return p
-
-
-REPO = Path(__file__).resolve().parents[1]
-# llmcompressor lives in its own virtualenv (its pins clash with vLLM's): see `make quant-env`.
-QUANT_PYTHON = os.environ.get("QUANT_PYTHON", str(REPO / ".venv-quant" / "bin" / "python"))
-
-
-def prepare_model(model: str, scheme: str, models_dir: Path, checkpoints_dir: Path = Path("checkpoints")):
-    """What to serve for (model, scheme): shapes get a folder (with the scheme's quantization
-    config and dummy weights when not base); a real model with a scheme is quantized first
-    (once: an existing valid checkpoint is reused); base models, and folders that already hold a
-    checkpoint of the scheme, are used as given."""
-    if scheme == "base":
-        return resolve_model(model, models_dir)
-    if _quantized_as(model) == scheme:  # a checkpoint of this scheme already (e.g. from pricing.quantize)
-        return resolve_model(model, models_dir)
-    if model in SHAPES:
-        from pricing.quantize import shape_quantization_config
-
-        folder = write_shape(model, models_dir / f"{model}-{scheme}", shape_quantization_config(scheme))
-        return resolve_model(str(folder), models_dir)
-    checkpoint = checkpoints_dir / f"{Path(model).name}-{scheme}"
-    quantize_checkpoint(model, scheme, checkpoint)
-    return resolve_model(str(checkpoint), models_dir)
-
-
-def _quantized_as(model: str) -> str | None:
-    """The scheme of a local folder's compressed-tensors quantization_config, or None."""
-    from pricing.quantize import scheme_of
-
-    config = read_json(Path(model).expanduser() / "config.json") or {}
-    return scheme_of(config.get("quantization_config"))
-
-
-def quantize_checkpoint(model: str, scheme: str, checkpoint: Path) -> None:
-    """Run the quantizer in its own venv; it prints progress and reuses a valid checkpoint."""
-    if not Path(QUANT_PYTHON).exists():
-        raise FileNotFoundError(f"{QUANT_PYTHON} not found: run `make quant-env` (llmcompressor's own venv) to quantize {model}")
-    cmd = [QUANT_PYTHON, "-m", "pricing.quantize", "--model", model, "--scheme", scheme, "-o", str(checkpoint)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise ValueError(f"quantizing {model} to {scheme} failed (see the line above); nothing was served")
 
 
 def _text_tokenizer(args: argparse.Namespace, resolved) -> str | None:
@@ -163,6 +102,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
         server = VllmServer(spec, startup_timeout_s=args.startup_timeout_s)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_as_exit())  # a killed bench stops the server it started
         with console.status(f"starting vLLM for {model_label} (TP={args.tp}); log: {getattr(server, 'log_path', '-')}"):
             stack.enter_context(server)
         max_len = args.max_model_len or server.max_model_len
@@ -194,7 +134,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         with progress:
             outcome = aio.run(run_sweep(sweep, probe, out, events=progress))
     _print_outcome(console, outcome, tiers, out)
-    return 1 if outcome.stopped and "completed no request" in outcome.stopped else 0
+    return 1 if outcome.stop == "server_failed" else 0
 
 
 @contextlib.contextmanager

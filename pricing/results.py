@@ -1,43 +1,116 @@
-"""Append-only JSONL of probe records: each line flushed and fsynced as the probe ends,
-so a crash loses at most the probe in flight; reading back tolerates a torn last line."""
+"""Result files, the one reader and writer: our append-only probe JSONL (each line flushed and
+fsynced as its probe ends, so a crash loses at most the probe in flight) and the seed
+calculator's files. Bench (resume), price, plan and the report all read through here.
+
+A last line without its newline that does not parse was torn by a crash: it is skipped with a
+warning naming file:line. Anything else that does not validate raises InputError there.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from pricing.errors import from_validation_error
-from pricing.schema import ProbeRecord
+from pricing.errors import InputError, from_validation_error
+from pricing.schema import SCHEMA_VERSION, Frozen, ProbeRecord
+
+Warn = Callable[[str], None]
 
 
-def append_record(path: Path, record: ProbeRecord) -> None:
+class RecordCheck(Protocol):
+    """What a reader's caller may demand of each probe beyond the schema (the pricer's catalog:
+    a GPU it can price); raises InputError naming file:line."""
+
+    def check_record(self, record: ProbeRecord, file: str, line: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourcedProbe:
+    """A probe record and where it was read from (for file:line in messages)."""
+
+    record: ProbeRecord
+    file: str = "<memory>"
+    line: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+# ------------------------------------------------------------------------------------ seed files
+class SeedMeasurement(Frozen):
+    """One batch size of the seed's sweep; latencies are means in seconds, throughputs tokens/s."""
+
+    batch_size: int = Field(ge=1)
+    input_tps: float = Field(gt=0)
+    output_tps: float = Field(gt=0)
+    avg_ttft: float = Field(ge=0)
+    avg_tpot: float = Field(ge=0)
+
+
+class SeedLine(Frozen):
+    """`{"id": "<quant>_<tp>", "measurements": [...]}`: one whole server billed at one hourly rate C."""
+
+    id: str = Field(pattern=r"^.+_\d+$")  # "<quant>_<tp>", e.g. "fp8_4"
+    measurements: list[SeedMeasurement] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class SeedServer:
+    """One seed line (a quantization x TP on one server) and where it was read."""
+
+    line_model: SeedLine
+    file: str
+    line: int
+
+    @property
+    def quant(self) -> str:
+        return self.line_model.id.rsplit("_", 1)[0]
+
+    @property
+    def tp(self) -> int:
+        return int(self.line_model.id.rsplit("_", 1)[1])
+
+    @property
+    def name(self) -> str:
+        return Path(self.file).stem
+
+
+def looks_like_seed(obj: Any) -> bool:
+    """A seed line has `id` and `measurements` and no `schema_version` (our probe records have one)."""
+    return isinstance(obj, dict) and "measurements" in obj and "id" in obj and "schema_version" not in obj
+
+
+def parse_seed_line(obj: Any, file: str, line: int) -> SeedServer:
+    """Validate one decoded seed line; raises InputError naming file:line and the field."""
+    try:
+        model = SeedLine.model_validate(obj)
+    except ValidationError as exc:
+        err = from_validation_error(file, line, exc)
+        if err.field == "id" and "pattern" in err.message:
+            err.message = f"expected '<quant>_<tp>' such as 'fp8_4' (got {obj.get('id')!r})"
+        raise err from None
+    return SeedServer(model, file, line)
+
+
+Loaded = SourcedProbe | SeedServer
+
+
+# ------------------------------------------------------------------------------------ writing
+def append_record(path: Path, record: BaseModel) -> None:
+    """One JSON line, flushed and fsynced before returning."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = record.model_dump_json() + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_records(path: Path) -> list[ProbeRecord]:
-    """Records of a results file; a last line without its newline (torn by a crash) is skipped.
-    Raises InputError naming file:line and field for anything else that does not validate."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    torn_tail = not text.endswith("\n") and lines[-1] != ""
-    records = []
-    for number, line in enumerate(lines[:-1] if torn_tail or lines[-1] == "" else lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(ProbeRecord.model_validate_json(line))
-        except ValidationError as exc:
-            raise from_validation_error(str(path), number, exc) from None
-    return records
 
 
 def repair_torn_tail(path: Path) -> bool:
@@ -51,3 +124,101 @@ def repair_torn_tail(path: Path) -> bool:
     with open(path, "r+b") as f:
         f.truncate(cut)
     return True
+
+
+# ------------------------------------------------------------------------------------ reading
+def _lines(path: Path, file: str) -> tuple[list[str], bool]:
+    """The file's lines, and whether the last one lacks its newline."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(file, None, "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(file, None, "", f"cannot read the file: {exc}") from None
+    return text.splitlines(), bool(text) and not text.endswith("\n")
+
+
+def _decode(raw: str, file: str, number: int) -> dict:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(file, number, "", f"malformed JSON at column {exc.colno}: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise InputError(file, number, "", f"expected one JSON object per line, got {type(obj).__name__}")
+    return obj
+
+
+def read_result_file(path: str | Path, catalog: RecordCheck | None = None, warn: Warn | None = None) -> list[Loaded]:
+    """Every record of one result file (ours or the seed's, by shape); the first problem raises
+    InputError naming file:line. A torn last line is skipped and reported through `warn`."""
+    file = str(path)
+    lines, torn_possible = _lines(Path(path), file)
+    items: list[Loaded] = []
+    first: tuple[int, str, object] | None = None  # line, kind, schema_version of the first record
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = _decode(raw, file, number)
+        except InputError as err:
+            if torn_possible and number == len(lines):
+                if warn is not None:
+                    warn(f"{file}:{number}: torn last line skipped (a run stopped while writing it; "
+                         "rerunning the sweep measures that probe again)")
+                break
+            raise err from None
+        kind = "seed" if looks_like_seed(obj) else "probe"
+        if kind == "probe" and "schema_version" not in obj:
+            raise InputError(file, number, "schema_version", "required field is missing (probe records carry "
+                             "schema_version; seed calculator files carry id and measurements)")
+        version = obj.get("schema_version")
+        if first is None:
+            first = (number, kind, version)
+        elif kind != first[1]:
+            raise InputError(file, number, "schema_version" if first[1] == "probe" else "measurements",
+                             f"mixed formats in one file: line {first[0]} is a {first[1]} record, "
+                             f"this line a {kind} record")
+        elif version != first[2]:
+            raise InputError(file, number, "schema_version", f"mixed schema versions in one file: line {first[0]} "
+                             f"has {first[2]!r}, this line {version!r}; price each version from its own file")
+        if kind == "seed":
+            items.append(parse_seed_line(obj, file, number))
+            continue
+        if version != SCHEMA_VERSION:
+            raise InputError(file, number, "schema_version",
+                             f"unsupported schema version {version!r}; this pricer reads version {SCHEMA_VERSION}")
+        try:
+            record = ProbeRecord.model_validate(obj)
+        except ValidationError as exc:
+            raise from_validation_error(file, number, exc) from None
+        if catalog is not None:
+            catalog.check_record(record, file, number)
+        items.append(SourcedProbe(record, file, number))
+    if not items:
+        raise InputError(file, 1, "", "empty file: no records (expected one JSON object per line)")
+    return items
+
+
+def load_records(paths: Sequence[str | Path], catalog: RecordCheck | None = None,
+                 warn: Warn | None = None) -> tuple[list[Loaded], list[InputError]]:
+    """Records of every readable file, and one InputError per file that could not be read whole."""
+    records: list[Loaded] = []
+    errors: list[InputError] = []
+    for path in paths:
+        try:
+            records.extend(read_result_file(path, catalog, warn))
+        except InputError as err:
+            errors.append(err)
+    return records, errors
+
+
+def read_records(path: Path, warn: Warn | None = None) -> list[ProbeRecord]:
+    """Our probe records of one file, for a sweep to resume from (no file yet: none)."""
+    if not path.exists() or not path.read_bytes().strip():
+        return []
+    loaded = read_result_file(path, warn=warn)
+    seeds = [item for item in loaded if isinstance(item, SeedServer)]
+    if seeds:
+        raise InputError(str(path), seeds[0].line, "", "a seed calculator file, not probe records: "
+                         "write the sweep to another file (--out)")
+    return [item.record for item in loaded if isinstance(item, SourcedProbe)]

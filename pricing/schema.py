@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
 
 class Frozen(BaseModel):
+    """Immutable and strict: the base of every value passed between modules."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Strict(BaseModel):
+    """Strict but mutable: documents read from files and built up step by step."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class SloTier(Frozen):
@@ -34,6 +42,10 @@ DEFAULT_TIERS: tuple[SloTier, ...] = (
     SloTier(name="Fast", ttft_s=0.5, tpot_s=0.0167),
     SloTier(name="Instant", ttft_s=0.25, tpot_s=0.010),
 )
+
+
+# A request ended on purpose when the probe stops issuing (the drain): never counted as an error.
+CANCELLED = "cancelled"
 
 
 class RequestRecord(BaseModel):
@@ -187,6 +199,21 @@ class EnergyStats(Frozen):
     source: Literal["nvml_counter", "nvml_power_integral"] = "nvml_counter"
 
 
+# Why a probe ended before its window could be judged. window_not_filled: the server was too slow
+# to fill the window in --max-probe-s, an honest fail of every tier; server_failing: its first
+# requests all failed, so it says nothing about latency.
+AbortKind = Literal["window_not_filled", "server_failing"]
+
+
+def _legacy_abort(note: str | None) -> AbortKind | None:
+    """The abort kind of a record written before `abort` existed, from its note's fixed wording."""
+    if note is None:
+        return None
+    if note.startswith("max_duration_s"):
+        return "window_not_filled"
+    return "server_failing" if note.startswith("first ") and "requests failed" in note else None
+
+
 class ProbeRecord(BaseModel):
     """One JSONL line of benchmark_results/: everything needed to price this probe alone."""
 
@@ -204,8 +231,16 @@ class ProbeRecord(BaseModel):
     server_metrics: dict[str, float] | None = None
     # SLO verdicts at record time; the pricer recomputes them for whatever tiers it is given.
     tiers_passed: list[str] = Field(default_factory=list)
-    note: str | None = None
+    abort: AbortKind | None = None
+    note: str | None = None  # the abort, or anything else, for people
     warnings: list[str] = Field(default_factory=list)  # about the measurement (e.g. the client fell behind)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _abort_of_old_records(cls, data):
+        if isinstance(data, dict) and "abort" not in data:
+            data = {**data, "abort": _legacy_abort(data.get("note"))}
+        return data
 
     @property
     def workload(self) -> str:

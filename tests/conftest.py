@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pricing.mock_server import MockConfig, MockServerProcess
+from pricing.testing.mock_server import MockConfig, MockServerProcess
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

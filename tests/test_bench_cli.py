@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pricing.bench import main
-from pricing.mock_server import LatencyModel, MockConfig
 from pricing.results import read_records
+from pricing.testing.mock_server import LatencyModel, MockConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_make_bench_against_a_real_vllm_cpu_server(tmp_path):
 
 
 def test_probe_line_warns_when_the_prefix_cache_served_the_prompts():
-    from pricing.bench_progress import describe_probe
+    from pricing.report.progress import describe_probe
     from pricing.schema import ProbeRecord
 
     line = (Path(__file__).parent / "fixtures" / "pricing_probes.jsonl").read_text().splitlines()[0]

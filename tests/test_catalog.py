@@ -8,10 +8,15 @@ import pytest
 from fixtures.pricing_builders import make_probe
 from rich.console import Console
 
-from pricing.catalog import PRICING_TIERS, gpu_rate_usd_h, load_catalog, merge_tables
+from pricing.cost.catalog import (
+    PRICING_TIERS,
+    gpu_rate_usd_h,
+    load_catalog,
+    merge_tables,
+)
+from pricing.cost.price_rows import PricingParams, price_records
 from pricing.errors import InputError
 from pricing.price import main
-from pricing.pricing_math import PricingParams, price_records
 from pricing.schema import DEFAULT_TIERS
 
 REQUIRED = {"H100-SXM", "H100-PCIe", "H200", "A100-80GB", "L40S", "L4", "B200", "cpu"}

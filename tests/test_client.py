@@ -7,10 +7,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pricing.client import ClientConfig, ProbePlan, run_probe
-from pricing.metrics import tpot_s, ttft_s
-from pricing.mock_server import Faults, LatencyModel, MockConfig
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.load.event_loop import paused_gc
+from pricing.measure.probe import run_probe
+from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
+from pricing.testing.mock_server import Faults, LatencyModel, MockConfig
 
 TTFT_S, TPOT_S = 0.040, 0.020
 TOLERANCE_MS = 1.0  # the issue's bound, on the median
@@ -40,7 +42,8 @@ async def test_measured_ttft_and_tpot_match_the_truth(mock_server, streams):
     # The window must outlast a request several times over, or the requests inside it are only
     # those issued at its opening (the last workers' herd), a biased sample.
     plan = ProbePlan(min_window_s=3.0, min_requests=15, ramp_up_s=1.0 if streams > 1 else 0)
-    result = await run_probe(cfg, closed(streams), itertools.repeat((64, 12)), plan)
+    with paused_gc():
+        result = await run_probe(cfg, closed(streams), itertools.repeat((64, 12)), plan)
     inside = [r for r in result.records if r.ok and result.window_start_ns <= r.start_ns and r.end_ns <= result.window_end_ns]
     assert len(inside) == result.stats.completed >= 15
     assert result.stats.failed == 0 and result.aborted is None

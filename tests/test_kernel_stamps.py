@@ -10,11 +10,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pricing import kernel_stamps
-from pricing.client import ClientConfig, ProbePlan, run_probe
-from pricing.metrics import ttft_s
-from pricing.mock_server import LatencyModel, MockConfig
+from pricing.load import kernel_stamps
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.measure.probe import run_probe
+from pricing.measure.window import ttft_s
 from pricing.schema import LoadSpec
+from pricing.testing.mock_server import LatencyModel, MockConfig
 
 pytestmark = pytest.mark.skipif(not kernel_stamps.SUPPORTED, reason="SO_TIMESTAMPNS receive stamps are Linux-only")
 

@@ -1,7 +1,8 @@
 import pytest
 
-from pricing.metrics import CANCELLED, itl_s, latency_stats, meets, slo_verdicts, tpot_s, ttft_s, window_stats
-from pricing.schema import RequestRecord, SloTier
+from pricing.measure.slo import meets, slo_verdicts
+from pricing.measure.window import itl_s, latency_stats, tpot_s, ttft_s, window_stats
+from pricing.schema import CANCELLED, RequestRecord, SloTier
 
 MS = 1_000_000
 

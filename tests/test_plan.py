@@ -13,10 +13,11 @@ from fixtures.pricing_builders import PROBES_FILE, config_a, config_b, make_prob
 from pydantic import ValidationError
 from rich.console import Console
 
-from pricing.catalog import load_catalog
+from pricing.cost.catalog import load_catalog
+from pricing.cost.price_rows import PricingParams, price_records
 from pricing.errors import InputError
-from pricing.plan import PlanFile, PlanOptions, build_plan, main, match_config, tier_rows
-from pricing.plan_choices import (
+from pricing.plan import main
+from pricing.planning.choices import (
     CascadePolicy,
     crossing_day,
     plan_budget,
@@ -25,7 +26,7 @@ from pricing.plan_choices import (
     scaled_capacity_rps,
     size_tier,
 )
-from pricing.plan_fleet import (
+from pricing.planning.fleet import (
     AutoscalePolicy,
     SpotPolicy,
     plan_fleet,
@@ -37,10 +38,16 @@ from pricing.plan_fleet import (
     week_pattern,
     week_rates_rps,
 )
-from pricing.pricing_math import PricingParams, price_records
-from pricing.profile import Arrivals, fixed_profile
-from pricing.report import plan_section_html
+from pricing.planning.plan import (
+    PlanFile,
+    PlanOptions,
+    build_plan,
+    match_config,
+    tier_rows,
+)
+from pricing.report.plan_html import plan_section_html
 from pricing.schema import DEFAULT_TIERS
+from pricing.workload.profile import Arrivals, fixed_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = load_catalog()

@@ -9,24 +9,27 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures.pricing_builders import PAIRS, PROBES_FILE, SEED_FILE, config_a, config_b, make_probe
+from fixtures.pricing_builders import (
+    PAIRS,
+    PROBES_FILE,
+    SEED_FILE,
+    config_a,
+    config_b,
+    make_probe,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from pricing.catalog import load_catalog
+from pricing.cost.catalog import load_catalog
+from pricing.cost.price_rows import PricesFile, PricingParams, price_records
+from pricing.cost.seed_prices import seed_revenue_usd_s
+from pricing.cost.split import cost_per_request_usd, effective_hourly_usd, split_prices
 from pricing.errors import InputError
-from pricing.price import PricesFile, load_records, main, parse_tiers
-from pricing.capacity import SourcedProbe
-from pricing.pricing_math import (
-    PricingParams,
-    cost_per_request_usd,
-    effective_hourly_usd,
-    price_records,
-    split_prices,
-)
+from pricing.measure.slo import parse_tiers
+from pricing.price import main
+from pricing.results import SourcedProbe, load_records
 from pricing.schema import DEFAULT_TIERS, SloTier
-from pricing.seed_format import seed_revenue_usd_s
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = load_catalog()

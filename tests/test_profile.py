@@ -16,18 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from pricing.profile import (
+from pricing.paths import profiles_dir
+from pricing.profile import main
+from pricing.schema import ProfileSummary
+from pricing.workload.profile import (
     DEFAULT_PROFILE,
     POLICIES,
-    PROFILES_DIR,
     apply_length_policy,
     build_profile,
     fixed_profile,
     load_profile,
-    main,
 )
-from pricing.profile_sources import ProfileInputError, TimeWindow, TurnLengths
-from pricing.schema import ProfileSummary
+from pricing.workload.sources import ProfileInputError, TimeWindow, TurnLengths
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "wildchat_turn_lengths_2024-03-17_23.jsonl"
@@ -104,7 +104,7 @@ def test_pool_subsample_is_seeded_and_stats_use_every_turn(week):
 def test_committed_default_profile_is_what_the_code_builds(week_profile):
     committed = load_profile(DEFAULT_PROFILE)
     assert committed == week_profile
-    assert (PROFILES_DIR / f"{DEFAULT_PROFILE}.json").stat().st_size < 1_000_000
+    assert (profiles_dir() / f"{DEFAULT_PROFILE}.json").stat().st_size < 1_000_000
 
 
 # ---- sampler --------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pricing.client import ClientConfig
-from pricing.prompts import PromptFactory, fitted_text, load_tokenizer
-from pricing.shapes import resolve_model
+from pricing.load.client import ClientConfig
+from pricing.serving.shapes import resolve_model
+from pricing.workload.prompts import PromptFactory, fitted_text, load_tokenizer
 
 pytest.importorskip("transformers", reason="text prompts with a local tokenizer need transformers (installed with vLLM)")
 
@@ -73,10 +73,11 @@ async def test_text_prompts_are_made_ahead_so_workers_never_wait_for_them(tiny_t
     import itertools
     import time
 
-    from pricing import prompts as prompts_module
-    from pricing.client import ProbePlan, run_probe
-    from pricing.mock_server import LatencyModel, MockConfig
+    from pricing.load.client import ProbePlan
+    from pricing.measure.probe import run_probe
     from pricing.schema import LoadSpec
+    from pricing.testing.mock_server import LatencyModel, MockConfig
+    from pricing.workload import prompts as prompts_module
 
     def slow_fitted_text(tokenizer, ids, isl, more_ids):
         time.sleep(0.015)

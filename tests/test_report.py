@@ -10,13 +10,12 @@ from types import SimpleNamespace
 import pytest
 from fixtures.pricing_builders import PROBES_FILE, SEED_FILE
 
-from pricing.catalog import load_catalog
-from pricing.price import load_records
-from pricing.capacity import SourcedProbe
-from pricing.pricing_math import PricingParams, mark_cheapest, price_records
-from pricing.report import build_figures, build_report_html, profile_histograms
+from pricing.cost.catalog import load_catalog
+from pricing.cost.price_rows import PricingParams, mark_cheapest, price_records
+from pricing.cost.seed_prices import price_seed
+from pricing.report.html import build_figures, build_report_html, profile_histograms
+from pricing.results import SourcedProbe, load_records
 from pricing.schema import DEFAULT_TIERS
-from pricing.seed_format import price_seed
 
 CHROMIUM = Path("/usr/bin/chromium")
 PLOTLY_JS_BANNER = re.compile(r"\* plotly\.js v\d")
@@ -107,7 +106,7 @@ def test_report_renders_in_headless_chromium(tmp_path, report_html):
 def test_client_vs_server_ttft_figure_only_when_scraped():
     from pathlib import Path
 
-    from pricing.report import fig_ttft_client_vs_server
+    from pricing.report.html import fig_ttft_client_vs_server
     from pricing.schema import ProbeRecord
 
     lines = Path(__file__).parent.joinpath("fixtures", "pricing_probes.jsonl").read_text().splitlines()

@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pricing.search import SearchParams, bracket, capacity_level, histories_from, next_level, next_probe
+from pricing.capacity.search import (
+    SearchParams,
+    bracket,
+    capacity_level,
+    histories_from,
+    next_level,
+    next_probe,
+)
 
 
 def search(true_capacity: float, params: SearchParams, budget: int = 50) -> tuple[float | None, list[float]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pricing.server import (
+from pricing.serving.server import (
     ServerSpec,
     ServerStartError,
     VllmServer,
@@ -27,6 +27,7 @@ from pricing.server import (
     free_port,
     group_alive,
     server_env,
+    sigterm_as_exit,
 )
 
 VLLM_LOCK = Path("/tmp/vllm.lock")  # shared with every other job that starts a real vLLM here
@@ -276,7 +277,7 @@ def test_error_in_the_body_still_stops_the_server(fake_launcher, tmp_path: Path)
 @pytest.mark.skipif(signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, reason="SIGTERM is handled by the runner")
 def test_sigterm_to_us_stops_the_server(fake_launcher, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
-        with fake_server(fake_launcher, tmp_path) as server:
+        with sigterm_as_exit(), fake_server(fake_launcher, tmp_path) as server:
             pgid = server.process.pid
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises SystemExit before this ends
@@ -316,7 +317,7 @@ def vllm_lock() -> Iterator[None]:
 
 
 def _tiny_spec(tmp_path: Path, *extra: str) -> ServerSpec:
-    from pricing.shapes import resolve_model
+    from pricing.serving.shapes import resolve_model
 
     model = resolve_model("tiny-llama", tmp_path / "models")
     return ServerSpec(model=model.model, load_format=model.load_format, max_model_len=1024,
@@ -350,7 +351,8 @@ def _text_prompts_through_detokenize(url: str) -> None:
     import asyncio
     import itertools
 
-    from pricing.client import ClientConfig, ProbePlan, run_probe
+    from pricing.load.client import ClientConfig, ProbePlan
+    from pricing.measure.probe import run_probe
     from pricing.schema import LoadSpec
 
     cfg = ClientConfig(base_url=url, model="tiny", prompt_format="text", vocab_size=4096)

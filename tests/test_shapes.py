@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from pricing.shapes import SHAPES, param_count, resolve_model, weight_bytes, write_shape
+from pricing.serving.shapes import (
+    SHAPES,
+    param_count,
+    resolve_model,
+    weight_bytes,
+    write_shape,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 import json
 
-from pricing.sse import parse_stream
+from pricing.load.sse import parse_stream
 
 
 def ev(obj) -> bytes:

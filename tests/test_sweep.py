@@ -6,12 +6,13 @@ import urllib.request
 
 import pytest
 
-from pricing.client import ClientConfig, ProbePlan, run_probe
-from pricing.mock_server import LatencyModel, MockConfig
+from pricing.capacity.search import SearchParams
+from pricing.capacity.sweep import SweepSpec, run_sweep
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.measure.probe import run_probe
 from pricing.results import read_records
 from pricing.schema import DeploymentConfig, ProfileSummary, SloTier
-from pricing.search import SearchParams
-from pricing.sweep import SweepSpec, run_sweep
+from pricing.testing.mock_server import LatencyModel, MockConfig
 
 # TPOT = 5 ms + 0.6 ms x running; a 21 ms TPOT limit holds up to 26.7 concurrent streams.
 LATENCY = LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005, tpot_per_seq_s=0.0006)

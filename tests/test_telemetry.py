@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pricing.gpu_energy import (
+from pricing.measure.gpu_energy import (
     ENERGY_COUNTER_MODULUS_MJ,
     GpuEnergyMeter,
     counter_delta_mj,
@@ -30,8 +30,7 @@ from pricing.gpu_energy import (
     trapezoid_energy_j,
     visible_gpu_indices,
 )
-from pricing.schema import EnergyStats
-from pricing.server_metrics import (
+from pricing.measure.server_metrics import (
     Histogram,
     ServerMetricsProbe,
     histogram_delta,
@@ -40,7 +39,8 @@ from pricing.server_metrics import (
     scrape,
     summarize_probe,
 )
-from pricing.telemetry import ProbeTelemetry, gpu_summary
+from pricing.measure.telemetry import ProbeTelemetry, gpu_summary
+from pricing.schema import EnergyStats
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BEFORE_TXT = (FIXTURES / "vllm_cpu_metrics_before.txt").read_text()

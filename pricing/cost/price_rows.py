@@ -1,0 +1,288 @@
+"""Price rows, pure functions: for each config and SLO tier, the hourly cost at its capacity
+turned into input/output prices (cost.split), with their variants, energy and $/request. The
+row is what every output (console, HTML, JSON) is built from; which probe sets the capacity
+is pricing.capacity.choice's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from pricing.capacity.choice import (
+    capacity_is_lower_bound,
+    failure_reason,
+    group_by_config,
+    pick_capacity,
+    pick_prefill,
+)
+from pricing.cost.catalog import (
+    PRICING_TIERS,
+    Catalog,
+    PricingTier,
+    gpu_rate_usd_h,
+    unknown_gpu_error,
+)
+from pricing.cost.split import (
+    MTOK,
+    Split,
+    SplitResult,
+    cost_per_request_usd,
+    effective_hourly_usd,
+    recovering_split,
+    request_tokens,
+    split_prices,
+)
+from pricing.results import SourcedProbe
+from pricing.schema import Frozen, ProbeRecord, SloTier, Strict, config_label
+
+
+class PricingParams(Frozen):
+    """Knobs of one pricing run (CLI flags)."""
+
+    split: Split = "prefill"
+    ratio: float = Field(default=4.0, gt=0)  # p_out / p_in for the ratio split (and fallbacks)
+    utilization: float = Field(default=1.0, gt=0, le=1)  # share of capacity sold on average
+    margin: float = Field(default=0.0, ge=0)  # markup over cost
+    pricing_tier: PricingTier = "on_demand"
+    hourly_rate_usd: float | None = Field(default=None, ge=0)  # per GPU for probes, per server for seed files
+    replicas: int = Field(default=1, ge=1)
+    region: str | None = None  # energy price and carbon region; the catalog's default when None
+    energy_cost: bool = False  # self-hosted: add measured energy x $/kWh (cloud rates include power)
+
+
+class PricePair(Frozen):
+    input_usd_per_mtok: float
+    output_usd_per_mtok: float
+
+
+class EnergyPrices(Frozen):
+    """Measured energy at capacity, split between input and output tokens like the cost is."""
+
+    power_w: float  # mean over the capacity probe's window, whole server
+    kwh_per_request: float
+    input_kwh_per_mtok: float
+    output_kwh_per_mtok: float
+    region: str
+    usd_per_kwh: float
+    input_energy_usd_per_mtok: float
+    output_energy_usd_per_mtok: float
+    input_gco2e_per_mtok: dict[str, float]  # by region
+    output_gco2e_per_mtok: dict[str, float]
+
+
+class PriceRow(Frozen):
+    """Prices of one config for one SLO tier (or why it cannot meet the tier). Rates cover all replicas."""
+
+    source: Literal["probe", "seed"] = "probe"
+    config_key: str
+    profile: str = ""  # traffic profile the capacity was measured with: prices differ per profile
+    model: str
+    scheme: str
+    tp: int
+    gpu_name: str
+    gpu_count: int
+    replicas: int = 1
+    tier: SloTier
+    feasible: bool
+    reason: str | None = None
+    split: Split
+    split_used: Split | None = None
+    cost_recovering: bool = True
+    capacity_probe: str | None = None  # file:line
+    prefill_probe: str | None = None
+    load_level: float | None = None
+    capacity_lower_bound: bool = False  # no higher-load probe failed the tier: the real capacity may be higher
+    capacity_rps: float | None = None
+    capacity_input_tok_s: float | None = None
+    capacity_output_tok_s: float | None = None
+    ttft_s: float | None = None  # at the tier's percentile (seed files: mean)
+    tpot_s: float | None = None
+    error_rate: float | None = None
+    mean_isl: float | None = None
+    mean_osl: float | None = None
+    prefill_tok_s: float | None = None
+    gpu_rate_usd_h: float | None = None  # per GPU (seed files: per server)
+    hourly_cost_usd: float | None = None  # H
+    energy_usd_h: float | None = None  # part of H
+    effective_hourly_cost_usd: float | None = None  # H_eff = H / utilization x (1 + margin)
+    cost_usd_per_request: float | None = None
+    input_usd_per_mtok: float | None = None
+    output_usd_per_mtok: float | None = None
+    recovering: PricePair | None = None  # split == "seed": the cost-recovering prices for the same data
+    usd_per_request_p50: float | None = None
+    usd_per_request_p90: float | None = None
+    usd_per_request_p99: float | None = None
+    tok_s_per_usd_h: float | None = None  # (input + output tok/s) per $/h of H_eff
+    variants: dict[str, PricePair] = Field(default_factory=dict)  # by pricing tier
+    energy: EnergyPrices | None = None
+    cheapest: bool = False
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        where = f" · {self.profile}" if self.profile else ""
+        return config_label(self.model, self.scheme, self.tp, self.gpu_count, self.gpu_name) + where
+
+
+# ------------------------------------------------------------------------------------ rows
+def per_mtok(split: SplitResult) -> PricePair:
+    return PricePair(input_usd_per_mtok=split.input_usd_per_tok * MTOK,
+                     output_usd_per_mtok=split.output_usd_per_tok * MTOK)
+
+
+def mark_cheapest(rows: Sequence[PriceRow]) -> list[PriceRow]:
+    """Mark the cheapest feasible row per (source, tier, traffic profile).
+
+    Probe rows compare cost per request at capacity; seed rows (no request counts) compare the
+    output price, which the seed calculator ranked by.
+    """
+    best: dict[tuple[str, str], tuple[float, int]] = {}
+    for i, row in enumerate(rows):
+        if not row.feasible:
+            continue
+        value = row.cost_usd_per_request if row.source == "probe" else row.output_usd_per_mtok
+        if value is None:
+            continue
+        key = (row.source, row.tier.name, row.profile)
+        if key not in best or value < best[key][0]:
+            best[key] = (value, i)
+    winners = {i for _, i in best.values()}
+    return [row.model_copy(update={"cheapest": i in winners}) for i, row in enumerate(rows)]
+
+
+# ------------------------------------------------------------------------------------ rows
+def _energy_prices(power_w: float, capacity_rps: float, recovering: SplitResult, cost_usd: float,
+                   catalog: Catalog, region: str) -> EnergyPrices:
+    """Energy per request at capacity, split between input and output in the cost's proportions."""
+    kwh_per_request = power_w / 1000.0 / (3600.0 * capacity_rps)
+    share_in = recovering.input_usd_per_tok / cost_usd if cost_usd > 0 else 0.0
+    share_out = recovering.output_usd_per_tok / cost_usd if cost_usd > 0 else 0.0
+    kwh_in, kwh_out = kwh_per_request * share_in * MTOK, kwh_per_request * share_out * MTOK
+    usd_per_kwh = catalog.regions[region].usd_per_kwh
+    return EnergyPrices(
+        power_w=power_w, kwh_per_request=kwh_per_request, input_kwh_per_mtok=kwh_in, output_kwh_per_mtok=kwh_out,
+        region=region, usd_per_kwh=usd_per_kwh,
+        input_energy_usd_per_mtok=kwh_in * usd_per_kwh, output_energy_usd_per_mtok=kwh_out * usd_per_kwh,
+        input_gco2e_per_mtok={n: kwh_in * r.gco2e_per_kwh for n, r in catalog.regions.items()},
+        output_gco2e_per_mtok={n: kwh_out * r.gco2e_per_kwh for n, r in catalog.regions.items()},
+    )
+
+
+@dataclass(frozen=True)
+class _AtRate:
+    hourly_usd: float
+    energy_usd_h: float
+    effective_usd_h: float
+    cost_usd: float
+    chosen: SplitResult
+    recovering: SplitResult
+
+
+def _price_at_rate(gpu_rate_usd_h: float, cap: SourcedProbe, prefill: SourcedProbe | None, power_w: float | None,
+                   usd_per_kwh: float, params: PricingParams) -> _AtRate:
+    """H, H_eff, c and the prices of one server (one replica) at one GPU rate."""
+    rec, stats = cap.record, cap.record.stats
+    energy_usd_h = power_w / 1000.0 * usd_per_kwh if power_w is not None and params.energy_cost else 0.0
+    hourly = rec.config.gpu_count * gpu_rate_usd_h + energy_usd_h
+    h_eff = effective_hourly_usd(hourly, params.utilization, params.margin)
+    cost = cost_per_request_usd(h_eff, stats.request_rate_rps)
+    isl, osl = request_tokens(stats)
+    prefill_tok_s = prefill.record.stats.input_tok_s if prefill is not None else None
+    reason = "no prefill probe (load.kind == 'prefill') for this config"
+    recovering = recovering_split(cost, h_eff, isl, osl, params.ratio, prefill_tok_s, reason)
+    chosen = recovering if params.split == "prefill" else split_prices(
+        params.split, cost, h_eff, isl, osl, params.ratio, prefill_tok_s, stats.input_tok_s, stats.output_tok_s)
+    return _AtRate(hourly, energy_usd_h, h_eff, cost, chosen, recovering)
+
+
+def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog, params: PricingParams) -> PriceRow:
+    """The price row of one config (all `probes` share config.key and profile) for one tier."""
+    cfg = probes[0].record.config
+    n = params.replicas
+    base = dict(config_key=cfg.key, profile=probes[0].record.workload, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp, gpu_name=cfg.gpu_name,
+                gpu_count=cfg.gpu_count, replicas=n, tier=tier, split=params.split)
+    cap = pick_capacity(probes, tier)
+    if cap is None:
+        return PriceRow(**base, feasible=False, reason=failure_reason(probes, tier))
+    rates = ({"hourly_rate": params.hourly_rate_usd} if params.hourly_rate_usd is not None else
+             {t: r for t in PRICING_TIERS if (r := gpu_rate_usd_h(catalog, cfg.gpu_name, t)) is not None})
+    rate = params.hourly_rate_usd if params.hourly_rate_usd is not None else rates.get(params.pricing_tier)
+    if rate is None:
+        return PriceRow(**base, feasible=False, reason=f"the catalog has no {params.pricing_tier} rate for "
+                        f"{cfg.gpu_name}; pass --catalog FILE or --hourly-rate USD")
+    stats = cap.record.stats
+    prefill = pick_prefill(probes, cap)
+    region = params.region or catalog.meta.default_region
+    energy = cap.record.energy
+    power_w = energy.energy_j / stats.window_s if energy is not None and stats.window_s > 0 else None
+    usd_per_kwh = catalog.regions[region].usd_per_kwh
+    at = _price_at_rate(rate, cap, prefill, power_w, usd_per_kwh, params)
+    variants = {t: per_mtok(_price_at_rate(r, cap, prefill, power_w, usd_per_kwh, params).chosen)
+                for t, r in rates.items()}
+    isl, osl = request_tokens(stats)
+    pairs = cap.record.profile.sample_pairs or [(isl, osl)]
+    p_in, p_out = at.chosen.input_usd_per_tok, at.chosen.output_usd_per_tok
+    per_request = np.percentile(np.array([i * p_in + o * p_out for i, o in pairs]), [50, 90, 99])
+    warnings = list(at.chosen.warnings)
+    lower_bound = capacity_is_lower_bound(probes, tier, cap)
+    if lower_bound:
+        warnings.append(f"capacity is a lower bound: no probe at a load above {cap.record.load.level:g} failed the "
+                        "tier, so the prices are upper bounds; rerun the sweep (it resumes) with a larger --max-probes")
+    if params.split == "seed":
+        warnings.insert(0, "seed convention: NOT cost-recovering (input and output prices each collect the full "
+                           "hourly cost, 2x in total); 'recovering' holds the default cost-recovering prices")
+        warnings.extend(at.recovering.warnings)
+    prices = per_mtok(at.chosen)
+    return PriceRow(
+        **base, feasible=True, split_used=at.chosen.split_used, cost_recovering=at.chosen.cost_recovering,
+        capacity_probe=cap.where, prefill_probe=prefill.where if prefill is not None else None,
+        load_level=cap.record.load.level, capacity_lower_bound=lower_bound, capacity_rps=stats.request_rate_rps * n,
+        capacity_input_tok_s=stats.input_tok_s * n, capacity_output_tok_s=stats.output_tok_s * n,
+        ttft_s=stats.latency("ttft", tier.percentile), tpot_s=stats.latency("tpot", tier.percentile),
+        error_rate=stats.error_rate, mean_isl=isl, mean_osl=osl,
+        prefill_tok_s=prefill.record.stats.input_tok_s if prefill is not None else None,
+        gpu_rate_usd_h=rate, hourly_cost_usd=at.hourly_usd * n,
+        energy_usd_h=at.energy_usd_h * n if power_w is not None else None,
+        effective_hourly_cost_usd=at.effective_usd_h * n, cost_usd_per_request=at.cost_usd,
+        input_usd_per_mtok=prices.input_usd_per_mtok, output_usd_per_mtok=prices.output_usd_per_mtok,
+        recovering=per_mtok(at.recovering) if params.split == "seed" else None,
+        usd_per_request_p50=float(per_request[0]), usd_per_request_p90=float(per_request[1]),
+        usd_per_request_p99=float(per_request[2]),
+        tok_s_per_usd_h=(stats.input_tok_s + stats.output_tok_s) / at.effective_usd_h
+        if at.effective_usd_h > 0 else None,
+        variants=variants,
+        energy=_energy_prices(power_w, stats.request_rate_rps, at.recovering, at.cost_usd, catalog, region)
+        if power_w is not None else None,
+        warnings=warnings,
+    )
+
+
+def price_records(records: Sequence[SourcedProbe | ProbeRecord], tiers: Sequence[SloTier], catalog: Catalog,
+                  params: PricingParams | None = None) -> list[PriceRow]:
+    """Price rows for every config (grouped by config.key) and tier, cheapest marked per tier.
+
+    Raises InputError for a probe whose GPU the catalog does not know.
+    """
+    params = params or PricingParams()
+    probes = [r if isinstance(r, SourcedProbe) else SourcedProbe(r, "<memory>", i + 1) for i, r in enumerate(records)]
+    for probe in probes:
+        if catalog.find_gpu(probe.record.config.gpu_name) is None:
+            raise unknown_gpu_error(catalog, probe.record.config.gpu_name, probe.file, probe.line)
+    rows = [price_config(group, tier, catalog, params) for group in group_by_config(probes).values() for tier in tiers]
+    return mark_cheapest(rows)
+
+
+class PricesFile(Strict):
+    """What --json writes: every price row, and the knobs and tiers they were computed with."""
+
+    generated_utc: str
+    params: PricingParams
+    tiers: list[SloTier]
+    catalog_note: str
+    errors: list[str]
+    rows: list[PriceRow]

@@ -1,0 +1,371 @@
+"""Streaming load generator for vLLM's OpenAI-compatible API (closed and open loop).
+
+The hot loop only reads and stamps: each network read gets `perf_counter_ns()` and its bytes
+are kept; SSE events are split and parsed after the stream ends (`sse.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from pricing.load.read_stamps import ReadLog, stamped_connector
+from pricing.load.sse import parse_stream
+from pricing.schema import CANCELLED, AbortKind, LoadSpec, PromptKind, RequestRecord
+from pricing.workload.prompts import PromptFactory, PromptSource
+
+OnRecord = Callable[[RequestRecord], None]
+
+
+class ClientConfig(BaseModel):
+    """Where and how to send requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str
+    model: str
+    endpoint: str = Field(default="completions", pattern="^(completions|chat)$")
+    prompt_format: Literal["token_ids", "text"] = "token_ids"  # for completions; chat sends text
+    tokenizer: str | None = None  # local tokenizer for text prompts; without one, the server's /detokenize
+    api_key: SecretStr | None = None  # SecretStr: never printed or dumped in clear
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    stall_timeout_s: float = Field(default=60.0, gt=0)  # no bytes for this long -> "timeout"
+    vocab_size: int = Field(default=32000, ge=16)
+    seed: int = 0
+
+    @property
+    def prompts(self) -> PromptKind:
+        return "chat" if self.endpoint == "chat" else self.prompt_format
+
+
+class ProbePlan(BaseModel):
+    """How long a probe runs: until the steady-state window holds enough evidence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_window_s: float = Field(default=20.0, ge=0)
+    min_requests: int = Field(default=20, ge=1)
+    max_duration_s: float = Field(default=300.0, gt=0)
+    # Closed loop: worker i starts at i/N x ramp_up_s, so N identical requests do not arrive as one herd.
+    ramp_up_s: float = Field(default=0.0, ge=0)
+    # Give up early when this many requests failed and none succeeded (server down).
+    fail_fast_after: int = Field(default=20, ge=1)
+
+
+@dataclass
+class LoadRun:
+    """What driving one load level produced: raw records and the window; statistics are measure's."""
+
+    records: list[RequestRecord]
+    window_start_ns: int
+    window_end_ns: int
+    aborted: str | None = None  # why the probe stopped early, for people
+    abort: AbortKind | None = None  # the same, for code
+    prompt_wait_s: float | None = None  # mean wait per in-window request for its prompt (None: none taken)
+
+
+@dataclass
+class _RunState:
+    plan: ProbePlan
+    load: LoadSpec
+    on_record: OnRecord | None
+    records: list[RequestRecord] = field(default_factory=list)
+    window_start_ns: int | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    ok_count: int = 0
+    fail_count: int = 0
+    window_completions: int = 0
+    aborted: str | None = None
+    abort: AbortKind | None = None
+    prompt_wait_ns: int = 0  # in the window, summed over requests: time spent waiting for a prompt
+    prompts_taken: int = 0  # in the window
+
+    def add(self, rec: RequestRecord) -> None:
+        self.records.append(rec)
+        if rec.ok:
+            self.ok_count += 1
+            # Anything added before the window opened also started before it: no recount needed.
+            if self.window_start_ns is not None and rec.start_ns >= self.window_start_ns:
+                self.window_completions += 1
+        elif rec.error != CANCELLED:
+            self.fail_count += 1
+            if self.ok_count == 0 and self.fail_count >= self.plan.fail_fast_after:
+                self.abort = "server_failing"
+                self.aborted = f"first {self.fail_count} requests failed ({rec.error}); is the server healthy?"
+                self.stop.set()
+        if self.on_record is not None:
+            self.on_record(rec)
+
+
+def _request_body(cfg: ClientConfig, prompt: list[int] | str, max_tokens: int) -> dict:
+    body: dict = {
+        "model": cfg.model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,  # vLLM extension: generate exactly max_tokens
+        "temperature": 0.0,
+    }
+    if cfg.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+        body["max_completion_tokens"] = max_tokens
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def _headers(cfg: ClientConfig) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if cfg.api_key is not None:
+        headers["Authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
+    return headers
+
+
+READ_BUFSIZE = 64 * 2**20
+
+
+class _SentAt:
+    """Filled by the session's trace hook when the request's last bytes are written."""
+
+    __slots__ = ("ns",)
+
+    def __init__(self) -> None:
+        self.ns: int | None = None
+
+
+def sent_stamp_trace(clock: Callable[[], int] = time.perf_counter_ns) -> aiohttp.TraceConfig:
+    """A session hook stamping when the request body has been handed to the socket.
+
+    TTFT starts there, not where `send_request` begins: building the request and (on Python
+    3.11) the loop hop aiohttp takes before writing the body are the client's own delay, up to
+    milliseconds when the loop is busy with hundreds of streams, not the server's.
+    """
+
+    async def on_chunk_sent(_session, ctx, _params) -> None:
+        if isinstance(ctx.trace_request_ctx, _SentAt):
+            ctx.trace_request_ctx.ns = clock()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(on_chunk_sent)
+    return trace
+
+
+async def send_request(
+    session: aiohttp.ClientSession,
+    cfg: ClientConfig,
+    prompt: list[int] | str,
+    isl: int,
+    osl: int,
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> RequestRecord:
+    """Send one streaming request; errors become the record's `error` kind, never exceptions."""
+    url = f"{cfg.base_url.rstrip('/')}/v1/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
+    body = _request_body(cfg, prompt, osl)
+    reads_ns: list[int] = []
+    reads: list[bytes] = []
+    wall = time.time()
+    start_ns = clock()  # replaced by the moment the body was written when the session has sent_stamp_trace
+    sent = _SentAt()
+    error: str | None = None
+    try:
+        async with session.post(url, json=body, headers=_headers(cfg), trace_request_ctx=sent) as resp:
+            if resp.status != 200:
+                await resp.read()
+                error = f"http_{resp.status}"
+            else:
+                log = ReadLog(resp)
+                if log.stamping:
+                    # The reads are stamped as they arrive: wake once at the end, not per chunk.
+                    try:
+                        await resp.content.wait_eof()
+                    finally:  # also on a disconnect or a cancellation at drain: keep what arrived, stamped
+                        body = log.buffered()
+                        reads_ns, reads = log.split(body) or ([clock()], [body])
+                else:
+                    async for data in resp.content.iter_any():
+                        reads_ns.append(clock())
+                        reads.append(data)
+    except asyncio.CancelledError:
+        error = CANCELLED
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        error = "timeout"
+    except aiohttp.ClientConnectorError:
+        error = "connect"
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        error = "disconnect"
+    except aiohttp.ClientError as exc:
+        error = f"client_{type(exc).__name__}"
+    end_ns = clock()
+    parsed = parse_stream(reads_ns, reads, chat=cfg.endpoint == "chat")
+    if error is None and parsed.error:
+        error = parsed.error
+    return RequestRecord(
+        start_ns=sent.ns if sent.ns is not None else start_ns,
+        chunk_ns=parsed.chunk_ns,
+        end_ns=end_ns,
+        prompt_tokens=parsed.prompt_tokens,
+        completion_tokens=parsed.completion_tokens,
+        target_input_tokens=isl,
+        target_output_tokens=osl,
+        error=error,
+        response_id=parsed.response_id,
+        wall_time_s=wall,
+    )
+
+
+def _arrival_gaps_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[float]:
+    """Gamma inter-arrival times with mean 1/rate; shape 1 is Poisson, smaller is burstier."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / (rate_rps * burstiness)
+    while True:
+        yield from rng.gamma(burstiness, scale, size=1024)
+
+
+async def _controller(state: _RunState, clock: Callable[[], int]) -> None:
+    """Closes the window once it has min_window_s and min_requests, or at max_duration_s."""
+    plan, t0 = state.plan, clock()
+    while not state.stop.is_set():
+        now = clock()
+        w0 = state.window_start_ns
+        enough = (
+            w0 is not None
+            and (now - w0) / 1e9 >= plan.min_window_s
+            and state.window_completions >= plan.min_requests
+        )
+        if enough or (now - t0) / 1e9 >= plan.max_duration_s:
+            if not enough and state.aborted is None:
+                state.abort = "window_not_filled"
+                state.aborted = f"max_duration_s={plan.max_duration_s:g} reached before the window filled"
+            state.stop.set()
+            return
+        try:
+            await asyncio.wait_for(state.stop.wait(), timeout=0.05)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def drive_load(
+    cfg: ClientConfig,
+    load: LoadSpec,
+    pairs: Iterator[tuple[int, int]],
+    plan: ProbePlan | None = None,
+    on_record: OnRecord | None = None,
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> LoadRun:
+    """Drive one load level until its steady-state window is full, then stop and cut the rest.
+
+    Warm-up ends when every closed-loop worker has completed one request (open loop: when the
+    first request completes, i.e. the pipeline is full). The drain starts when issuing stops;
+    requests still in flight then are cancelled and recorded as "cancelled", not as errors.
+    """
+    state = _RunState(plan=plan or ProbePlan(), load=load, on_record=on_record)
+    with PromptFactory(cfg) as prompts:  # new token ids every probe: nothing for the prefix cache
+        return await _drive(cfg, load, pairs, state, prompts, clock)
+
+
+async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clock) -> LoadRun:
+    limit = load.concurrency or 0
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
+    connector = stamped_connector(clock, limit=limit, limit_per_host=limit)
+    # read_bufsize: a stream is read once, when it ends, so its buffer must hold a whole reply
+    # (aiohttp stops reading a socket whose buffer passes twice this).
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[sent_stamp_trace(clock)],
+                                     read_bufsize=READ_BUFSIZE) as session:
+
+        source = PromptSource(prompts, session, pairs, ahead=max(limit, 16))
+
+        async def send_next() -> RequestRecord:
+            asked_ns = clock()
+            isl, osl, prompt = await source.next()
+            if state.window_start_ns is not None:
+                state.prompt_wait_ns += clock() - asked_ns
+                state.prompts_taken += 1
+            osl = 1 if load.kind == "prefill" else osl
+            if isinstance(prompt, aiohttp.ClientError):
+                return _failed_before_send(isl, osl, f"prompt_{type(prompt).__name__}", clock)
+            if isinstance(prompt, Exception):
+                raise prompt
+            return await send_request(session, cfg, prompt, isl, osl, clock)
+
+        if load.mode == "closed":
+            tasks = _start_closed_loop(state, send_next)
+        else:
+            tasks = [asyncio.create_task(_open_loop(state, send_next, cfg.seed, clock))]
+        await _controller(state, clock)
+        drain_ns = clock()
+        source.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    w0 = state.window_start_ns if state.window_start_ns is not None else drain_ns
+    wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9 if state.prompts_taken else None
+    return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, drain_ns, state.aborted, state.abort, wait_s)
+
+
+def _failed_before_send(isl: int, osl: int, error: str, clock: Callable[[], int]) -> RequestRecord:
+    now = clock()
+    return RequestRecord(
+        start_ns=now, end_ns=now, target_input_tokens=isl, target_output_tokens=osl, error=error, wall_time_s=time.time()
+    )
+
+
+def _start_closed_loop(state: _RunState, send_next) -> list[asyncio.Task]:
+    n = state.load.concurrency or 1
+    first_done: list[int | None] = [None] * n
+
+    async def worker(slot: int) -> None:
+        if state.plan.ramp_up_s:
+            await asyncio.sleep(state.plan.ramp_up_s * slot / n)
+        while not state.stop.is_set():
+            rec = await send_next()
+            state.add(rec)
+            if first_done[slot] is None:
+                first_done[slot] = rec.end_ns
+                if all(t is not None for t in first_done):
+                    state.window_start_ns = max(first_done)  # type: ignore[type-var]
+            if rec.error == CANCELLED:
+                return
+
+    return [asyncio.create_task(worker(i)) for i in range(n)]
+
+
+async def _open_loop(state: _RunState, send_next, seed: int, clock) -> None:
+    """Poisson/gamma arrivals; at most `concurrency` in flight (later arrivals wait for a slot)."""
+    load = state.load
+    slots = asyncio.Semaphore(load.concurrency) if load.concurrency else None
+    in_flight: set[asyncio.Task] = set()
+
+    async def one() -> None:
+        if slots is not None:
+            async with slots:
+                rec = await send_next()
+        else:
+            rec = await send_next()
+        state.add(rec)
+        if state.window_start_ns is None and rec.ok:
+            state.window_start_ns = rec.end_ns
+
+    next_ns = clock()
+    try:
+        for gap_s in _arrival_gaps_s(load.request_rate_rps or 1.0, load.burstiness, seed):
+            if state.stop.is_set():
+                break
+            delay_s = (next_ns - clock()) / 1e9
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            task = asyncio.create_task(one())
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            next_ns += int(gap_s * 1e9)
+    finally:
+        for task in list(in_flight):
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)

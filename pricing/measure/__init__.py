@@ -1,0 +1,1 @@
+"""What a probe measured: window statistics, SLO verdicts, GPU energy, vLLM /metrics."""

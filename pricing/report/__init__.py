@@ -1,0 +1,1 @@
+"""Output for people: rich console tables, progress, the self-contained Plotly HTML report."""

@@ -1,0 +1,82 @@
+"""The pricing matrix on the console (configs x SLO tiers, rich), its definitions line, and the
+row warnings gathered once per config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from pricing.cost.price_rows import PriceRow, PricingParams
+from pricing.schema import SloTier
+from pricing.units import fmt_ms, fmt_s, fmt_usd
+
+
+def _cell(row: PriceRow) -> str:
+    if not row.feasible:
+        return f"[red]✗ {row.reason}[/red]"
+    star = " [bold yellow]★ cheapest[/]" if row.cheapest else ""
+    lines = [f"in {fmt_usd(row.input_usd_per_mtok or 0)} · out {fmt_usd(row.output_usd_per_mtok or 0)} /1M{star}"]
+    if row.capacity_rps is not None:
+        at_least = "≥ " if row.capacity_lower_bound else ""
+        lines.append(f"{at_least}{row.capacity_rps:.3g} req/s · {row.capacity_output_tok_s or 0:,.0f} out tok/s")
+    else:
+        lines.append(f"{row.capacity_output_tok_s or 0:,.0f} out tok/s (batch {row.load_level:g})")
+    if row.recovering is not None:
+        recovering = row.recovering
+        lines.append(f"[magenta]not cost-recovering (collects 2x); recovering: in {fmt_usd(recovering.input_usd_per_mtok)}"
+                     f" · out {fmt_usd(recovering.output_usd_per_mtok)}[/]")
+    if row.split_used != row.split:
+        lines.append(f"[yellow]split: {row.split_used} (FALLBACK: no prefill probe)[/]")
+    if row.energy is not None:
+        lines.append(f"{row.energy.output_kwh_per_mtok:.3g} kWh/1M out")
+    return "\n".join(lines)
+
+
+def _tier_header(tier: SloTier, seed_only: bool) -> str:
+    pct = "mean" if seed_only else f"p{tier.percentile}"
+    return f"{tier.name}\nTTFT {pct} ≤ {fmt_s(tier.ttft_s)}\nTPOT {pct} ≤ {fmt_ms(tier.tpot_s)}"
+
+
+def render_matrix(rows: Sequence[PriceRow], params: PricingParams, console: Console) -> None:
+    """The configs x tiers table, then the definitions line and the warnings."""
+    tiers = list({r.tier.name: r.tier for r in rows}.values())
+    configs = list({(r.config_key, r.profile): r for r in rows}.values())
+    seed_only = all(r.source == "seed" for r in rows)
+    table = Table(title="$ per 1M tokens (input · output) at SLO capacity", show_lines=True)
+    table.add_column("config (model · scheme · TP · GPUs)", overflow="fold")
+    for tier in tiers:
+        table.add_column(_tier_header(tier, seed_only), overflow="fold")
+    cells = {(r.config_key, r.profile, r.tier.name): r for r in rows}
+    for config in configs:
+        label = config.label + (" [dim](seed file)[/]" if config.source == "seed" else "")
+        table.add_row(label, *[_cell(cells[config.config_key, config.profile, t.name]) for t in tiers])
+    console.print(table)
+    rate = (f"--hourly-rate ${params.hourly_rate_usd:g}/h per GPU (per server for seed files)"
+            if params.hourly_rate_usd is not None
+            else f"pricing tier {params.pricing_tier} (catalog list-price snapshots)")
+    split = {"prefill": "prefill (p_in = H_eff/3600/prefill tok/s; output takes the rest)",
+             "ratio": f"ratio (p_out = {params.ratio:g} x p_in)",
+             "seed": "seed (p_in = H_eff/3600/input tok/s, p_out = H_eff/3600/output tok/s: "
+                     "collects 2x, NOT cost-recovering)"}
+    console.print(
+        f"Definitions: split {split[params.split]}; utilization {params.utilization:g}; margin {params.margin:.0%}; "
+        f"{rate}; replicas {params.replicas}. H = GPUs x rate (+ measured energy x $/kWh), "
+        "H_eff = H / utilization x (1 + margin); capacity = the highest decode request rate meeting the tier "
+        "(TTFT and TPOT at the tier's percentile, error rate); prices recover c = H_eff / (3600 x capacity) at the "
+        "capacity probe's tokens per request (token rates / request rate). ≥ = lower bound: no probe above it "
+        "failed the tier. ★ = cheapest config per tier (cost per request; seed files: output price).",
+        style="dim",
+    )
+
+
+def row_warnings(rows: Sequence[PriceRow]) -> list[str]:
+    """Each distinct warning once per config, with the tiers it applies to."""
+    tiers_of: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        for warning in row.warnings:
+            if warning.startswith("seed convention"):
+                continue  # the definitions line says it once
+            tiers_of.setdefault((row.label, warning), []).append(row.tier.name)
+    return [f"{label} [{', '.join(tiers)}]: {warning}" for (label, warning), tiers in tiers_of.items()]

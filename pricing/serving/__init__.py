@@ -1,0 +1,1 @@
+"""The server under test: vLLM's process, shape-only models, quantized checkpoints."""

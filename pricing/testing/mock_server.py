@@ -1,0 +1,227 @@
+"""An OpenAI-compatible streaming server whose latency is known: the ground truth for tests.
+
+TTFT = queueing for a batch slot + ttft_base + prefill(ISL) x (1 + prefill_batch_factor x running);
+TPOT = tpot_base + tpot_per_seq x running. Faults on every k-th request: HTTP 500, a dropped
+connection mid-stream, a stall. `/mock/timeline` returns what the server did, per request.
+Run alone: `python -m pricing.testing.mock_server --port 8000 --config '{"latency": {"tpot_base_s": 0.02}}'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import itertools
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pricing.testing.mock_http import Request, Response, serve
+
+ns = time.perf_counter_ns
+
+
+class LatencyModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_base_s: float = Field(default=0.010, ge=0)
+    prefill_s_per_token: float = Field(default=0.0, ge=0)
+    prefill_batch_factor: float = Field(default=0.0, ge=0)
+    tpot_base_s: float = Field(default=0.010, ge=0)
+    tpot_per_seq_s: float = Field(default=0.0, ge=0)
+    max_num_seqs: int = Field(default=100_000, ge=1)  # beyond this, requests queue
+
+
+class Faults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    http500_every: int = Field(default=0, ge=0)  # 0 = never
+    disconnect_every: int = Field(default=0, ge=0)  # drop the connection after 2 tokens
+    stall_every: int = Field(default=0, ge=0)  # stop sending after 2 tokens for stall_s
+    stall_s: float = Field(default=5.0, ge=0)
+
+
+class MockConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latency: LatencyModel = Field(default_factory=LatencyModel)
+    faults: Faults = Field(default_factory=Faults)
+    model_name: str = "mock-model"
+    api_key: str | None = None  # when set, generation requires "Authorization: Bearer <key>"
+
+
+@dataclass
+class _State:
+    cfg: MockConfig
+    slots: asyncio.Semaphore
+    running: int = 0
+    counter: itertools.count = field(default_factory=itertools.count)
+    timeline: dict[str, dict] = field(default_factory=dict)
+
+
+def _prompt_tokens(body: dict) -> int:
+    if "messages" in body:
+        return sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+    prompt = body.get("prompt", "")
+    return len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+
+
+def _prompt_head(body: dict) -> str:
+    """The prompt's first 16 tokens (or words): equal heads would be prefix-cache hits in vLLM."""
+    if "messages" in body:
+        return " ".join(" ".join(str(m.get("content", "")) for m in body["messages"]).split()[:16])
+    prompt = body.get("prompt", "")
+    return " ".join(map(str, prompt[:16] if isinstance(prompt, list) else str(prompt).split()[:16]))
+
+
+def _chunk(rid: str, chat: bool, text: str, finish: str | None) -> bytes:
+    if chat:
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+        obj = {"id": rid, "object": "chat.completion.chunk", "choices": [choice]}
+    else:
+        obj = {"id": rid, "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+# asyncio's epoll selector wakes on whole milliseconds, rounding up: aiming half a
+# millisecond early centres the emission error on zero instead of +0.5 ms.
+_TIMER_BIAS_NS = 500_000
+
+
+async def _sleep_until(deadline_ns: int) -> None:
+    delay = (deadline_ns - _TIMER_BIAS_NS - ns()) / 1e9
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def _generate(state: _State, req: Request, resp: Response, chat: bool) -> None:
+    recv_ns = req.arrival_ns  # stamped when the request's bytes were read, before any parsing
+    if state.cfg.api_key and req.headers.get("authorization") != f"Bearer {state.cfg.api_key}":
+        return resp.send_json({"error": {"message": "bad api key"}}, 401)
+    body = req.json()
+    n = next(state.counter) + 1
+    if state.cfg.faults.http500_every and n % state.cfg.faults.http500_every == 0:
+        return resp.send_json({"error": {"message": "injected fault"}}, 500)
+    isl, osl = _prompt_tokens(body), int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+    rid = f"mock-{n}"
+    events: list[int] = []
+    state.timeline[rid] = {"recv_ns": recv_ns, "isl": isl, "osl": osl, "head": _prompt_head(body), "chunk_ns": events}
+    queued = state.slots.locked()
+    async with state.slots:
+        state.running += 1
+        # The clock starts at arrival, or at the batch slot when queued.
+        start_ns = ns() if queued else recv_ns
+        try:
+            await _stream(resp, state, chat, rid, n, isl, osl, start_ns, events)
+        finally:
+            state.running -= 1
+
+
+async def _stream(resp: Response, state: _State, chat: bool, rid: str, n: int, isl: int, osl: int, start_ns: int,
+                  events: list[int]) -> None:
+    faults, lat = state.cfg.faults, state.cfg.latency
+    resp.start_stream()
+    prefill_s = lat.prefill_s_per_token * isl * (1 + lat.prefill_batch_factor * (state.running - 1))
+    deadline = start_ns + int((lat.ttft_base_s + prefill_s) * 1e9)
+    if chat:
+        role = {"id": rid, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        resp.write(b"data: " + json.dumps(role).encode() + b"\n\n")
+    for i in range(osl):
+        await _sleep_until(deadline)
+        if resp.closed:
+            return  # the client went away (e.g. cancelled at drain)
+        if faults.disconnect_every and n % faults.disconnect_every == 0 and i == 2:
+            return resp.abort()
+        if faults.stall_every and n % faults.stall_every == 0 and i == 2:
+            await asyncio.sleep(faults.stall_s)
+        resp.write(_chunk(rid, chat, " t", "length" if i == osl - 1 else None))
+        events.append(ns())
+        deadline += int((lat.tpot_base_s + lat.tpot_per_seq_s * state.running) * 1e9)
+    usage = {"prompt_tokens": isl, "completion_tokens": osl, "total_tokens": isl + osl}
+    resp.write(b"data: " + json.dumps({"id": rid, "choices": [], "usage": usage}).encode() + b"\n\n")
+    resp.write(b"data: [DONE]\n\n")
+    resp.end_stream()
+
+
+def build_routes(cfg: MockConfig) -> dict:
+    state = _State(cfg=cfg, slots=asyncio.Semaphore(cfg.latency.max_num_seqs))
+
+    def reply(obj_of_request):
+        async def handler(req: Request, resp: Response) -> None:
+            resp.send_json(obj_of_request(req))
+        return handler
+
+    models = {"data": [{"id": cfg.model_name, "max_model_len": 1 << 20}]}
+    return {
+        ("GET", "/health"): reply(lambda _r: {}),
+        ("GET", "/version"): reply(lambda _r: {"version": "mock"}),
+        ("GET", "/v1/models"): reply(lambda _r: models),
+        ("POST", "/v1/completions"): lambda req, resp: _generate(state, req, resp, chat=False),
+        ("POST", "/v1/chat/completions"): lambda req, resp: _generate(state, req, resp, chat=True),
+        ("POST", "/tokenize"): reply(_tokenize),
+        ("POST", "/detokenize"): reply(lambda r: {"prompt": " ".join(f"t{i}" for i in r.json()["tokens"])}),
+        ("GET", "/mock/timeline"): reply(lambda _r: state.timeline),
+    }
+
+
+def _tokenize(req: Request) -> dict:
+    words = str(req.json().get("prompt", "")).split()
+    return {"tokens": list(range(len(words))), "count": len(words)}
+
+
+class MockServerProcess:
+    """Runs the mock in its own process (its own core), so its timing does not share the client's loop."""
+
+    def __init__(self, cfg: MockConfig | None = None) -> None:
+        self.cfg = cfg or MockConfig()
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> MockServerProcess:
+        cmd = [sys.executable, "-m", "pricing.testing.mock_server", "--port", "0", "--config", self.cfg.model_dump_json()]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("READY "):
+            self.__exit__()
+            raise RuntimeError(f"mock server did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+async def _serve(cfg: MockConfig, host: str, port: int) -> None:
+    server = await serve(build_routes(cfg), host, port)
+    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--config", default="{}", help="MockConfig as JSON")
+    args = parser.parse_args(argv)
+    cfg = MockConfig.model_validate_json(args.config)
+    gc.disable()  # collector pauses of several ms would show up as latency the model did not ask for
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(cfg, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
