@@ -1,8 +1,9 @@
 """An OpenAI-compatible streaming server whose latency is known: the ground truth for tests.
 
 TTFT = queueing for a batch slot + ttft_base + prefill(ISL) x (1 + prefill_batch_factor x running);
-TPOT = tpot_base + tpot_per_seq x running. Faults on every k-th request: HTTP 500, a dropped
-connection mid-stream, a stall. `/mock/timeline` returns what the server did, per request.
+TPOT = tpot_base + tpot_per_seq x running. Or, with `engine` set, every request goes through one
+simulated continuous-batching engine (`sim_engine`) run in real time. Faults on every k-th request:
+HTTP 500, a dropped connection mid-stream, a stall. `/mock/timeline` returns what the server did.
 Run alone: `python -m pricing.testing.mock_server --port 8000 --config '{"latency": {"tpot_base_s": 0.02}}'`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import gc
 import itertools
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from pricing.testing.mock_http import Request, Response, serve
+from pricing.testing.sim_engine import EngineModel, EngineStep, SimEngine
 
 ns = time.perf_counter_ns
 
@@ -53,6 +56,9 @@ class MockConfig(BaseModel):
     faults: Faults = Field(default_factory=Faults)
     model_name: str = "mock-model"
     api_key: str | None = None  # when set, generation requires "Authorization: Bearer <key>"
+    # When set, requests share one simulated engine and `latency` is not used. Faults apply as in
+    # the fixed-latency path; a stalled stream's tokens are still generated, and sent when it ends.
+    engine: EngineModel | None = None
 
 
 @dataclass
@@ -62,6 +68,7 @@ class _State:
     running: int = 0
     counter: itertools.count = field(default_factory=itertools.count)
     timeline: dict[str, dict] = field(default_factory=dict)
+    engine: _EngineLoop | None = None
 
 
 def _prompt_tokens(body: dict) -> int:
@@ -88,6 +95,16 @@ def _chunk(rid: str, chat: bool, text: str, finish: str | None) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+def _role_chunk(rid: str) -> bytes:
+    role = {"id": rid, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    return b"data: " + json.dumps(role).encode() + b"\n\n"
+
+
+def _usage_chunk(rid: str, isl: int, osl: int) -> bytes:
+    usage = {"prompt_tokens": isl, "completion_tokens": osl, "total_tokens": isl + osl}
+    return b"data: " + json.dumps({"id": rid, "choices": [], "usage": usage}).encode() + b"\n\n"
+
+
 # asyncio's epoll selector wakes on whole milliseconds, rounding up: aiming half a
 # millisecond early centres the emission error on zero instead of +0.5 ms.
 _TIMER_BIAS_NS = 500_000
@@ -108,9 +125,13 @@ async def _generate(state: _State, req: Request, resp: Response, chat: bool) -> 
     if state.cfg.faults.http500_every and n % state.cfg.faults.http500_every == 0:
         return resp.send_json({"error": {"message": "injected fault"}}, 500)
     isl, osl = _prompt_tokens(body), int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+    if state.engine is not None and (isl < 1 or osl < 1):  # a 400, as vLLM answers
+        raise ValueError(f"the engine needs a prompt and max_tokens >= 1, got {isl} and {osl}")
     rid = f"mock-{n}"
     events: list[int] = []
     state.timeline[rid] = {"recv_ns": recv_ns, "isl": isl, "osl": osl, "head": _prompt_head(body), "chunk_ns": events}
+    if state.engine is not None:
+        return await state.engine.serve(_Stream(rid, n, resp, chat, isl, osl, events), recv_ns)
     queued = state.slots.locked()
     async with state.slots:
         state.running += 1
@@ -129,8 +150,7 @@ async def _stream(resp: Response, state: _State, chat: bool, rid: str, n: int, i
     prefill_s = lat.prefill_s_per_token * isl * (1 + lat.prefill_batch_factor * (state.running - 1))
     deadline = start_ns + int((lat.ttft_base_s + prefill_s) * 1e9)
     if chat:
-        role = {"id": rid, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-        resp.write(b"data: " + json.dumps(role).encode() + b"\n\n")
+        resp.write(_role_chunk(rid))
     for i in range(osl):
         await _sleep_until(deadline)
         if resp.closed:
@@ -142,14 +162,155 @@ async def _stream(resp: Response, state: _State, chat: bool, rid: str, n: int, i
         resp.write(_chunk(rid, chat, " t", "length" if i == osl - 1 else None))
         events.append(ns())
         deadline += int((lat.tpot_base_s + lat.tpot_per_seq_s * state.running) * 1e9)
-    usage = {"prompt_tokens": isl, "completion_tokens": osl, "total_tokens": isl + osl}
-    resp.write(b"data: " + json.dumps({"id": rid, "choices": [], "usage": usage}).encode() + b"\n\n")
+    resp.write(_usage_chunk(rid, isl, osl))
     resp.write(b"data: [DONE]\n\n")
     resp.end_stream()
 
 
+@dataclass
+class _Stream:
+    """One request's event stream in engine mode; `done` resolves when it has ended or gone."""
+
+    rid: str
+    n: int  # the request's number, for faults
+    resp: Response
+    chat: bool
+    isl: int
+    osl: int
+    events: list[int]  # chunk_ns of the timeline
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    sent: int = 0  # output tokens generated so far
+    held: list[bytes | None] | None = None  # while stalled: chunks to send (None: the end of the stream)
+
+    def send(self, data: bytes | None) -> None:
+        """A token chunk, or None for the usage, [DONE] and the end of the stream."""
+        if self.held is not None:
+            self.held.append(data)
+        elif data is not None:
+            self.resp.write(data)
+            self.events.append(ns())
+        else:
+            self.resp.write(_usage_chunk(self.rid, self.isl, self.osl))
+            self.resp.write(b"data: [DONE]\n\n")
+            self.resp.end_stream()
+            self.end()
+
+    def release(self) -> None:
+        """The stall is over: send what was generated meanwhile."""
+        held, self.held = self.held or [], None
+        for data in held:
+            if self.resp.closed:
+                return self.end()
+            self.send(data)
+
+    def end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+# Requests stamped just before a step boundary may still be on their way through the event loop
+# when the step is due to be planned; planning a little after the boundary lets them join it, as
+# their stamps say they should. The step's end stays anchored to the boundary.
+_PLAN_LAG_NS = 1_000_000
+
+
+class _EngineLoop:
+    """One engine for every request, in real time: plan a step, sleep until its ideal end (the
+    previous end + its duration, so sleeps do not drift), write its tokens, repeat."""
+
+    def __init__(self, cfg: MockConfig) -> None:
+        assert cfg.engine is not None
+        self.cfg, self.engine = cfg, SimEngine(cfg.engine)
+        self.streams: dict[str, _Stream] = {}
+        self.pending: list[tuple[int, str]] = []  # (arrival_ns, rid) not yet in the engine, by arrival
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.plan_lag_ns = min(_PLAN_LAG_NS, int(cfg.engine.step_base_s * 1e9) // 2)
+
+    async def serve(self, stream: _Stream, arrival_ns: int) -> None:
+        stream.resp.start_stream()
+        if stream.chat:
+            stream.resp.write(_role_chunk(stream.rid))
+        self.streams[stream.rid] = stream
+        bisect.insort(self.pending, (arrival_ns, stream.rid))
+        self.wake.set()
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+            self.task.add_done_callback(self._crashed)
+        try:
+            await stream.done
+        finally:  # ended, or cancelled with its connection
+            self._drop(stream.rid)
+
+    def _crashed(self, task: asyncio.Task) -> None:
+        """A bug in the loop: say so, and hang up on every stream rather than leave them waiting."""
+        if not task.cancelled() and task.exception() is not None:
+            print(f"mock engine loop failed: {task.exception()!r}", file=sys.stderr, flush=True)
+            for stream in list(self.streams.values()):
+                stream.resp.abort()
+                self._drop(stream.rid)
+        self.task = None
+
+    def _drop(self, rid: str) -> None:
+        stream = self.streams.pop(rid, None)
+        if stream is None:
+            return
+        stream.end()
+        self.engine.cancel(rid)
+        self.pending = [p for p in self.pending if p[1] != rid]
+
+    async def _run(self) -> None:
+        end_ns: int | None = None  # the ideal end of the last step: the next one starts there
+        while True:
+            if self.engine.idle:
+                while not self.pending:
+                    self.wake.clear()
+                    await self.wake.wait()
+                # An idle engine starts at the first arrival (its kernel stamp), not at the wake-up.
+                start_ns = self.pending[0][0] if end_ns is None else max(end_ns, self.pending[0][0])
+            else:
+                start_ns = end_ns  # type: ignore[assignment]
+            await _sleep_until(start_ns + self.plan_lag_ns)
+            while self.pending and self.pending[0][0] <= start_ns:
+                rid = self.pending.pop(0)[1]
+                stream = self.streams[rid]
+                self.engine.add(rid, stream.isl, stream.osl, start_ns / 1e9)
+            step = self.engine.step()
+            if step is None:  # everything that had arrived was dropped
+                end_ns = start_ns
+                continue
+            end_ns = start_ns + round(step.duration_s * 1e9)
+            await _sleep_until(end_ns)
+            self._emit(step)
+
+    def _emit(self, step: EngineStep) -> None:
+        faults = self.cfg.faults
+        for rid in step.first_token + step.decoded:
+            stream = self.streams.get(rid)
+            if stream is None:
+                continue
+            i, n = stream.sent, stream.n
+            if stream.resp.closed:  # the client went away (e.g. cancelled at drain)
+                self._drop(rid)
+                continue
+            if faults.disconnect_every and n % faults.disconnect_every == 0 and i == 2:
+                stream.resp.abort()
+                self._drop(rid)
+                continue
+            if faults.stall_every and n % faults.stall_every == 0 and i == 2:
+                stream.held = []
+                asyncio.get_running_loop().call_later(faults.stall_s, stream.release)
+            stream.sent += 1
+            stream.send(_chunk(rid, stream.chat, " t", "length" if i == stream.osl - 1 else None))
+        for rid in step.finished:
+            if (stream := self.streams.get(rid)) is not None:
+                stream.send(None)
+
+
 def build_routes(cfg: MockConfig) -> dict:
     state = _State(cfg=cfg, slots=asyncio.Semaphore(cfg.latency.max_num_seqs))
+    if cfg.engine is not None:
+        state.engine = _EngineLoop(cfg)
 
     def reply(obj_of_request):
         async def handler(req: Request, resp: Response) -> None:
