@@ -13,13 +13,14 @@ from rich.console import Console
 from rich.table import Table
 
 from pricing.capacity.search import SearchParams
-from pricing.capacity.sweep import SweepSpec, run_sweep
+from pricing.capacity.sweep import SweepOutcome, SweepSpec, run_sweep
 from pricing.errors import InputError
 from pricing.load import event_loop as aio
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.measure.probe import ProbeResult, measured_probe
 from pricing.measure.slo import parse_tiers
 from pricing.measure.telemetry import open_gpu_meter
+from pricing.report.console import describe_capacity
 from pricing.report.progress import ProbeProgress
 from pricing.schema import DeploymentConfig, LoadSpec
 from pricing.serving.prepare import detect_gpu, prepare_model
@@ -53,10 +54,19 @@ def _parser() -> argparse.ArgumentParser:
                    "model's folder when it is local; else the server's /detokenize)")
     p.add_argument("--mode", choices=["closed", "open"], default="closed", help="sweep concurrency or request rate")
     p.add_argument("--tier", nargs="*", help="tiers to search: Baseline, Fast, Instant (default: all) or NAME:TTFT_S:TPOT_S[:P[:ERR]]")
-    p.add_argument("--max-probes", type=int, default=12, help="decode probes in this run (rerun to continue)")
-    p.add_argument("--min-window-s", type=float, default=20.0, help="steady-state seconds per probe")
+    p.add_argument("--max-probes", type=int, default=10, help="decode probes of the first (--mode) search in this "
+                   "run (rerun to continue)")
+    p.add_argument("--max-open-probes", type=int, default=8, help="probes of the open-loop step in this run")
+    p.add_argument("--no-open-loop", action="store_true", help="skip the open-loop (Poisson) step after a "
+                   "closed-loop search; the pricer then prices on closed-loop capacity, with a warning")
+    p.add_argument("--burstiness", type=float, default=1.0, help="open-loop arrivals: gamma shape of the gaps "
+                   "(1 = Poisson, below 1 burstier)")
+    p.add_argument("--min-window-s", type=float, default=10.0, help="shortest steady-state window per probe")
+    p.add_argument("--window-e2e", type=float, default=2.0, help="a window lasts at least this many times the "
+                   "p90 end-to-end latency of the probe's warm-up requests")
     p.add_argument("--min-requests", type=int, default=20, help="completed requests per probe window")
-    p.add_argument("--max-probe-s", type=float, default=300.0, help="a probe longer than this fails")
+    p.add_argument("--max-probe-s", type=float, default=300.0, help="a probe whose window has not filled by then "
+                   "fails; one that is still undecided then stops undecided")
     p.add_argument("--start", type=float, default=1.0, help="first load level")
     p.add_argument("--max-level", type=float, default=1024.0, help="highest load level tried")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill-only probes of the price split")
@@ -117,19 +127,23 @@ def run(args: argparse.Namespace, console: Console) -> int:
             api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
         )
         pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)
-        plan = ProbePlan(min_window_s=args.min_window_s, min_requests=args.min_requests, max_duration_s=args.max_probe_s)
+        plan = ProbePlan(min_window_s=args.min_window_s, window_e2e_multiple=args.window_e2e,
+                         min_requests=args.min_requests, max_duration_s=args.max_probe_s)
+        summary = profile.summary(seed=args.seed, max_model_len=max_len)
         sweep = SweepSpec(
-            config=config, profile=profile.summary(seed=args.seed, max_model_len=max_len), tiers=tiers,
+            config=config, profile=summary, tiers=tiers,
             search=SearchParams(start=args.start, max_level=args.max_level, integer=args.mode == "closed",
                                 min_level=1.0 if args.mode == "closed" else 0.05),
             plan=plan, mode=args.mode, prompts=client.prompts, max_probes=args.max_probes,
-            prefill_probes=not args.no_prefill,
+            prefill_probes=not args.no_prefill, open_loop=not args.no_open_loop,
+            max_open_probes=args.max_open_probes, burstiness=args.burstiness,
         )
         progress = ProbeProgress(console, plan)
         meter = stack.enter_context(_gpu_meter(gpu_name, console))
 
         async def probe(load: LoadSpec, index: int) -> ProbeResult:
-            return await measured_probe(client, load, itertools.cycle(pairs), plan, meter, on_record=progress.on_record)
+            return await measured_probe(client, load, itertools.cycle(pairs), plan, meter, on_record=progress.on_record,
+                                        tiers=tiers, lengths=(summary.isl_mean, summary.osl_mean))
 
         with progress:
             outcome = aio.run(run_sweep(sweep, probe, out, events=progress))
@@ -150,16 +164,21 @@ def _gpu_meter(gpu_name: str, console: Console):
         yield meter
 
 
-def _print_outcome(console: Console, outcome, tiers, out: Path) -> None:
-    table = Table(title="Capacity per SLO tier (highest passing load level)")
-    table.add_column("tier")
-    table.add_column("SLO")
-    table.add_column("capacity")
+def _print_outcome(console: Console, outcome: SweepOutcome, tiers, out: Path) -> None:
+    table = Table(title="Capacity per SLO tier (95% intervals; the open loop prices)")
+    for column in ("tier", "SLO", "closed loop (concurrency)", "open loop (Poisson)", "open / closed"):
+        table.add_column(column)
     for t in tiers:
-        level = outcome.capacity_level.get(t.name)
-        table.add_row(t.name, f"p{t.percentile} TTFT ≤ {t.ttft_s:g} s, TPOT ≤ {t.tpot_s * 1e3:g} ms", "none passes" if level is None else f"{level:g}")
+        closed, opened = outcome.closed[t.name], outcome.open[t.name]
+        ratio = (f"{opened.rate_rps / closed.rate_rps:.2f}" if closed.kind == opened.kind == "found"
+                 and opened.rate_rps and closed.rate_rps else "-")
+        table.add_row(t.name, f"p{t.percentile:g} TTFT ≤ {t.ttft_s:g} s, TPOT ≤ {t.tpot_s * 1e3:g} ms",
+                      describe_capacity(closed, "closed"), describe_capacity(opened, "open"), ratio)
     console.print(table)
-    console.print(f"{outcome.probes_run} new probe(s) appended to {out}" + (f"; stopped: {outcome.stopped}" if outcome.stopped else ""))
+    for warning in outcome.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    new = outcome.probes_run + outcome.open_probes_run
+    console.print(f"{new} new probe(s) appended to {out}" + (f"; stopped: {outcome.stopped}" if outcome.stopped else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

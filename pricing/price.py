@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", action="extend", nargs="+", metavar="NAME",
                    help="SLO tiers: Baseline, Fast, Instant, or NAME:TTFT_S:TPOT_S[:PERCENTILE[:MAX_ERROR_RATE]]")
     p.add_argument("--split", choices=["prefill", "ratio", "seed"], default="prefill")
+    p.add_argument("--load-model", choices=["open", "closed"], default="open",
+                   help="capacity under open-loop (Poisson) arrivals, what a service sees (default), or under a "
+                        "closed loop of fixed concurrency, as tools that only measure closed loops report it")
     p.add_argument("--ratio", type=float, default=4.0, help="p_out / p_in for the ratio split (default 4)")
     p.add_argument("--utilization", type=float, default=1.0, help="share of capacity sold, 0 < U <= 1 (default 1)")
     p.add_argument("--margin", type=float, default=0.0, help="markup over cost, e.g. 0.2 for 20%% (default 0)")
@@ -64,7 +67,7 @@ def _params(args: argparse.Namespace, catalog: Catalog) -> PricingParams:
         raise InputError("--region", None, args.region, f"unknown region; known: {', '.join(sorted(catalog.regions))}")
     values = dict(split=args.split, ratio=args.ratio, utilization=args.utilization, margin=args.margin,
                   pricing_tier=args.pricing_tier, hourly_rate_usd=args.hourly_rate, replicas=args.replicas,
-                  region=args.region, energy_cost=args.energy_cost)
+                  region=args.region, energy_cost=args.energy_cost, load_model=args.load_model)
     try:
         return PricingParams.model_validate(values)
     except ValidationError as exc:

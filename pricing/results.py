@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field, ValidationError
 
 from pricing.errors import InputError, from_validation_error
-from pricing.schema import SCHEMA_VERSION, Frozen, ProbeRecord
+from pricing.measure.requests import RequestTable
+from pricing.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Frozen, ProbeRecord
 
 Warn = Callable[[str], None]
 
@@ -32,15 +33,61 @@ class RecordCheck(Protocol):
 
 @dataclass(frozen=True)
 class SourcedProbe:
-    """A probe record and where it was read from (for file:line in messages)."""
+    """A probe record and where it was read from (for file:line in messages), with its
+    per-request records when the probe has them (schema 2; `table` reads them once)."""
 
     record: ProbeRecord
     file: str = "<memory>"
     line: int = 0
+    requests: RequestTable | None = None  # given directly (a probe measured in this process)
 
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}"
+
+    def table(self, warn: Warn | None = None) -> RequestTable | None:
+        """The probe's per-request records, or None (with a warning) when their file is missing or
+        holds no line for this probe: its aggregates still price."""
+        if self.requests is not None:
+            return self.requests
+        if self.record.requests_file is None or self.file == "<memory>":
+            return None
+        path = Path(self.file).parent / self.record.requests_file
+        table = read_requests(path, warn).get((self.record.run_id, self.record.probe_index))
+        if table is None and warn is not None and path.exists():
+            warn(f"{path}: no per-request records for probe {self.record.run_id}#{self.record.probe_index} "
+                 f"({self.where}); its stored percentiles are used")
+        return table
+
+
+_REQUESTS_CACHE: dict[tuple[str, float], dict[tuple[str, int], RequestTable]] = {}
+
+
+def read_requests(path: Path, warn: Warn | None = None) -> dict[tuple[str, int], RequestTable]:
+    """Every per-request table of one `.requests.jsonl` file by (run id, probe index); lines that
+    are torn or do not validate are skipped with a warning (the probes' aggregates still price)."""
+    try:
+        key = (str(path), path.stat().st_mtime)
+    except OSError:
+        if warn is not None:
+            warn(f"{path}: per-request records missing; the probes' stored percentiles are used")
+        return {}
+    if key in _REQUESTS_CACHE:
+        return _REQUESTS_CACHE[key]
+    tables: dict[tuple[str, int], RequestTable] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                table = RequestTable.model_validate_json(line)
+            except ValidationError:
+                if warn is not None:
+                    warn(f"{path}:{number}: per-request records torn or invalid; skipped")
+                continue
+            tables[(table.run_id, table.probe_index)] = table
+    _REQUESTS_CACHE[key] = tables
+    return tables
 
 
 # ------------------------------------------------------------------------------------ seed files
@@ -184,9 +231,9 @@ def read_result_file(path: str | Path, catalog: RecordCheck | None = None, warn:
         if kind == "seed":
             items.append(parse_seed_line(obj, file, number))
             continue
-        if version != SCHEMA_VERSION:
-            raise InputError(file, number, "schema_version",
-                             f"unsupported schema version {version!r}; this pricer reads version {SCHEMA_VERSION}")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise InputError(file, number, "schema_version", f"unsupported schema version {version!r}; this "
+                             f"pricer reads versions {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
         try:
             record = ProbeRecord.model_validate(obj)
         except ValidationError as exc:
@@ -213,7 +260,7 @@ def load_records(paths: Sequence[str | Path], catalog: RecordCheck | None = None
 
 
 def read_records(path: Path, warn: Warn | None = None) -> list[ProbeRecord]:
-    """Our probe records of one file, for a sweep to resume from (no file yet: none)."""
+    """Our probe records of one file, for a sweep to resume from and append to (no file yet: none)."""
     if not path.exists() or not path.read_bytes().strip():
         return []
     loaded = read_result_file(path, warn=warn)
@@ -221,4 +268,8 @@ def read_records(path: Path, warn: Warn | None = None) -> list[ProbeRecord]:
     if seeds:
         raise InputError(str(path), seeds[0].line, "", "a seed calculator file, not probe records: "
                          "write the sweep to another file (--out)")
-    return [item.record for item in loaded if isinstance(item, SourcedProbe)]
+    probes = [item for item in loaded if isinstance(item, SourcedProbe)]
+    if probes and probes[0].record.schema_version != SCHEMA_VERSION:
+        raise InputError(str(path), probes[0].line, "schema_version", f"holds schema {probes[0].record.schema_version} "
+                         f"probes; this sweep writes schema {SCHEMA_VERSION}: write it to another file (--out)")
+    return [item.record for item in probes]

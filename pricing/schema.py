@@ -11,7 +11,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: no intervals, no per-request records
+
+# One end of a 95% interval; None where the sample cannot bound it (e.g. a p90 of 30 requests
+# has no upper bound at 95%).
+Bound = float | None
+Ci = tuple[Bound, Bound]
 
 
 class Frozen(BaseModel):
@@ -32,7 +38,9 @@ class SloTier(Frozen):
     name: str
     ttft_s: float = Field(gt=0)
     tpot_s: float = Field(gt=0)
-    percentile: Literal[50, 90, 99] = 90  # the percentiles every probe stores
+    # Every probe stores p50, p90 and p99; any other percentile is computed from the probe's
+    # per-request records (schema 2).
+    percentile: float = Field(default=90, gt=0, lt=100)
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
 
 
@@ -72,8 +80,12 @@ class RequestRecord(BaseModel):
         return self.error is None
 
 
+STORED_PERCENTILES = (50, 90, 99)
+
+
 class LatencyStats(Frozen):
-    """Percentiles (numpy 'linear' method) of one latency, in seconds; None when no sample."""
+    """Percentiles (numpy 'linear' method) of one latency, in seconds, with their 95% intervals
+    (measure.intervals); None when no sample."""
 
     count: int
     mean: float | None = None
@@ -81,40 +93,63 @@ class LatencyStats(Frozen):
     p90: float | None = None
     p99: float | None = None
     max: float | None = None
+    p50_ci: Ci | None = None
+    p90_ci: Ci | None = None
+    p99_ci: Ci | None = None
+
+    def at(self, percentile: float) -> tuple[float | None, Ci | None]:
+        """A stored percentile and its interval; (None, None) for one not stored."""
+        if percentile not in STORED_PERCENTILES:
+            return None, None
+        p = int(percentile)
+        return getattr(self, f"p{p}"), getattr(self, f"p{p}_ci")
 
 
 class WindowStats(Frozen):
     """Steady-state statistics of one probe (see README: Definitions)."""
 
     window_s: float
-    completed: int  # requests started after warm-up and finished before the drain
+    completed: int  # requests of the latency sample that completed (schema 1: started and ended in the window)
     failed: int  # errors among requests started in the window
     errors_by_kind: dict[str, int] = Field(default_factory=dict)
-    input_tokens: int  # prompt tokens of completed requests
+    input_tokens: int  # prompt tokens of the completed requests
     output_tokens: int
-    request_rate_rps: float  # completions per second of window
+    request_rate_rps: float  # output flow / mean output tokens per request (schema 1: of the completions)
     input_tok_s: float
     output_tok_s: float
     ttft_s: LatencyStats
     tpot_s: LatencyStats
     itl_s: LatencyStats
     e2e_s: LatencyStats
+    # Schema 2 (None in older records):
+    issued: int | None = None  # requests started in the window that ended, ok or failed
+    request_rate_rps_ci: Ci | None = None
+    input_tok_s_ci: Ci | None = None
+    output_tok_s_ci: Ci | None = None
+    measured_input_tok_s: float | None = None  # prompt tokens of requests whose first token came in the window
+    lengths_mean: tuple[float, float] | None = None  # (ISL, OSL) per request the rates are derived with
 
     @property
     def error_rate(self) -> float:
-        total = self.completed + self.failed
+        total = self.issued if self.issued is not None else self.completed + self.failed
         return self.failed / total if total else 0.0
 
-    def latency(self, metric: Literal["ttft", "tpot", "itl", "e2e"], percentile: Literal[50, 90, 99]) -> float | None:
+    def latency(self, metric: Literal["ttft", "tpot", "itl", "e2e"], percentile: float) -> float | None:
         stats: LatencyStats = getattr(self, f"{metric}_s")
-        return getattr(stats, f"p{percentile}")
+        return stats.at(percentile)[0]
+
+
+# pass: the 95% interval is within the limit; fail: beyond it; undecided: it straddles the limit.
+Outcome = Literal["pass", "fail", "undecided"]
 
 
 class SloVerdict(Frozen):
     metric: str  # "ttft", "tpot", "error_rate"
     value: float | None
     limit: float
-    passed: bool
+    passed: bool  # the point estimate meets the limit
+    ci: Ci | None = None
+    outcome: Outcome = "fail"
 
     @property
     def margin(self) -> float | None:
@@ -219,7 +254,7 @@ class ProbeRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     run_id: str
     probe_index: int
     timestamp_utc: str
@@ -234,6 +269,10 @@ class ProbeRecord(BaseModel):
     abort: AbortKind | None = None
     note: str | None = None  # the abort, or anything else, for people
     warnings: list[str] = Field(default_factory=list)  # about the measurement (e.g. the client fell behind)
+    # Schema 2: the per-request records, a file beside this one (measure.requests), and whether
+    # the probe's verdicts were still undecided when it reached its time cap.
+    requests_file: str | None = None
+    undecided_at_cap: bool = False
 
     @model_validator(mode="before")
     @classmethod

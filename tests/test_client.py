@@ -44,7 +44,8 @@ async def test_measured_ttft_and_tpot_match_the_truth(mock_server, streams):
     plan = ProbePlan(min_window_s=3.0, min_requests=15, ramp_up_s=1.0 if streams > 1 else 0)
     with paused_gc():
         result = await run_probe(cfg, closed(streams), itertools.repeat((64, 12)), plan)
-    inside = [r for r in result.records if r.ok and result.window_start_ns <= r.start_ns and r.end_ns <= result.window_end_ns]
+    # The latency sample: requests whose first token came in the window, followed to their end.
+    inside = [r for r in result.records if r.ok and result.window_start_ns <= r.chunk_ns[0] <= result.window_end_ns]
     assert len(inside) == result.stats.completed >= 15
     assert result.stats.failed == 0 and result.aborted is None
     assert all(r.completion_tokens == 12 and r.prompt_tokens == 64 for r in inside)

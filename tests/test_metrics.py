@@ -40,26 +40,43 @@ def test_empty_sample_is_none_not_zero():
     assert s.count == 0 and s.p90 is None and s.mean is None
 
 
-def test_window_excludes_warmup_and_drain_and_counts_throughput_inside():
+def test_window_cohort_is_every_first_token_in_the_window_followed_to_its_end():
     records = [
-        rec(0, [50, 60], end_ms=60),  # before the window: not in latency stats
+        rec(0, [50, 60], end_ms=60),  # first token before the window: not in the cohort
         rec(1000, [1100, 1200], end_ms=1200),  # inside
         rec(1500, [1600, 1700, 1800], end_ms=1800),  # inside
-        rec(1900, [1950, 2050], end_ms=2050),  # ends after the window closes at 2000
+        rec(1900, [1950, 2050], end_ms=2050),  # first token inside, ends in the tail: in, whole
         rec(1950, [], error="http_500"),  # failed inside
-        rec(1990, [1995], error=CANCELLED, tokens=None),  # cut at drain: not an error
+        rec(1990, [1995], error=CANCELLED, tokens=None),  # cut at the drain: its TTFT counts, not an error
     ]
     s = window_stats(records, 1000 * MS, 2000 * MS)
-    assert s.completed == 2
+    assert s.completed == 3
     assert s.failed == 1 and s.errors_by_kind == {"http_500": 1}
-    assert s.ttft_s.count == 2 and s.ttft_s.mean == pytest.approx(0.1)
+    assert s.ttft_s.count == 4 and s.ttft_s.mean == pytest.approx((0.1 + 0.1 + 0.05 + 0.005) / 4)
+    assert s.tpot_s.count == 3 and s.tpot_s.p50 == pytest.approx(0.1)
     # output tokens streamed inside: 2 + 3 + 1 (half of the straddling one) + 1 (cancelled)
-    assert s.output_tok_s == pytest.approx(7.0)
-    # requests/s = token flow / mean output length of the completions inside (2 and 3 tokens)
-    assert s.request_rate_rps == pytest.approx(7.0 / 2.5)
-    assert s.input_tok_s == pytest.approx(7.0 / 2.5 * 100)
-    assert s.input_tokens == 200 and s.output_tokens == 5
-    assert s.error_rate == pytest.approx(1 / 3)
+    assert s.output_tok_s == pytest.approx(7.0) and s.output_tokens == 7
+    # requests/s = token flow / mean output length asked for (targets of the requests sent: 2, 2, 3, 2, 1)
+    assert s.lengths_mean == pytest.approx((100.0, 2.0))
+    assert s.request_rate_rps == pytest.approx(7.0 / 2.0)
+    assert s.input_tok_s == pytest.approx(7.0 / 2.0 * 100)
+    assert s.measured_input_tok_s == pytest.approx(400.0)  # four first tokens in a 1 s window
+    assert s.input_tokens == 300
+    assert s.issued == 4 and s.error_rate == pytest.approx(1 / 4)
+
+
+def test_request_rate_uses_the_population_lengths_and_the_servers_token_counts():
+    """The flow over the profile's mean OSL, scaled by what the server counted over what was
+    asked (a chat template adds tokens): a window of unlucky long requests does not bias it."""
+    records = [rec(k * 100, [k * 100 + 10 + i for i in range(50)], tokens=55, prompt=110) for k in range(30)]
+    for r in records:
+        r.target_output_tokens, r.target_input_tokens = 50, 100
+    s = window_stats(records, 500 * MS, 2500 * MS, lengths=(400.0, 20.0))
+    assert s.lengths_mean == pytest.approx((440.0, 22.0))
+    assert s.request_rate_rps == pytest.approx(s.output_tok_s / 22.0)
+    assert s.input_tok_s == pytest.approx(s.request_rate_rps * 440.0)
+    low, high = s.request_rate_rps_ci
+    assert low <= s.request_rate_rps <= high
 
 
 def test_lockstep_closed_loop_rates_do_not_depend_on_where_the_window_falls():

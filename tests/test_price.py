@@ -101,11 +101,12 @@ def test_cheapest_marked_per_tier():
 def test_text_prompt_probes_are_priced_apart_from_token_id_probes():
     """Same config and profile, prompts sent as text: the server tokenizes, so another workload."""
     text = [p.model_copy(update={"load": p.load.model_copy(update={"prompts": "text"})}) for p in config_a()]
-    text[2] = text[2].model_copy(update={"stats": text[2].stats.model_copy(update={"ttft_s": text[3].stats.ttft_s})})
+    for i in (2, 7):  # c=16 and c=5 miss Baseline's TTFT as text
+        text[i] = text[i].model_copy(update={"stats": text[i].stats.model_copy(update={"ttft_s": text[3].stats.ttft_s})})
     rows = price_records(config_a() + text, [BASELINE], CATALOG)
     by_workload = {r.profile: r for r in rows}
     assert set(by_workload) == {"synthetic", "synthetic (text)"}
-    # Text's c=16 probe misses Baseline's TTFT, so its capacity falls to c=4's 3 rps.
+    # Text's c=5 and c=16 probes miss Baseline's TTFT, so its capacity falls to c=4's 3 rps.
     assert by_workload["synthetic"].capacity_rps == pytest.approx(8.0)
     assert by_workload["synthetic (text)"].capacity_rps == pytest.approx(3.0)
 
@@ -240,8 +241,9 @@ BAD_FILES = {
     "malformed_json": (lambda: [json.dumps(_probe_line()), '{"run_id": "x",,}'], ":2:", "malformed JSON"),
     "missing_field": (lambda: [json.dumps(_probe_line(stats__completed=None))], ":1:", "stats.completed"),
     "unknown_gpu": (lambda: [json.dumps(_probe_line(config__gpu_name="H300"))], ":1:", "config.gpu_name"),
-    "mixed_versions": (lambda: [json.dumps(_probe_line()), json.dumps(_probe_line(schema_version=2))], ":2:",
+    "mixed_versions": (lambda: [json.dumps(_probe_line()), json.dumps(_probe_line(schema_version=1))], ":2:",
                        "schema_version"),
+    "unknown_version": (lambda: [json.dumps(_probe_line(schema_version=3))], ":1:", "schema_version"),
     "empty": (lambda: [], ":1:", "empty file"),
     "bad_seed": (lambda: ['{"id": "fp8", "measurements": [{"batch_size": 1}]}'], ":1:", "id"),
 }
@@ -294,7 +296,7 @@ def test_bad_flags_and_tiers():
 def test_load_records_collects_errors(tmp_path):
     missing = tmp_path / "nope.jsonl"
     records, errors = load_records([PROBES_FILE, missing])
-    assert len(records) == 9 and all(isinstance(r, SourcedProbe) for r in records)
+    assert len(records) == 12 and all(isinstance(r, SourcedProbe) for r in records)
     assert len(errors) == 1 and errors[0].file == str(missing) and "no such file" in str(errors[0])
 
 

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import urllib.request
 
 import pytest
@@ -10,7 +11,8 @@ from pricing.capacity.search import SearchParams
 from pricing.capacity.sweep import SweepSpec, run_sweep
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.measure.probe import run_probe
-from pricing.results import read_records
+from pricing.measure.requests import requests_path
+from pricing.results import read_records, read_requests
 from pricing.schema import DeploymentConfig, ProfileSummary, SloTier
 from pricing.testing.mock_server import LatencyModel, MockConfig
 
@@ -30,7 +32,7 @@ def spec(**kw) -> SweepSpec:
         profile=PROFILE,
         tiers=[TIER],
         search=SearchParams(max_level=256),
-        plan=ProbePlan(min_window_s=1.0, min_requests=15, ramp_up_s=0.2),
+        plan=ProbePlan(min_window_s=1.0, min_requests=15, ramp_up_s=0.2, max_duration_s=8.0),
         **kw,
     )
 
@@ -39,22 +41,30 @@ def prober(url):
     cfg = ClientConfig(base_url=url, model="mock-model")
 
     async def probe(load, index):
-        return await run_probe(cfg, load, itertools.repeat((32, 10)), spec().plan)
+        return await run_probe(cfg, load, itertools.repeat((32, 10)), spec().plan, tiers=[TIER])
 
     return probe
 
 
-async def test_sweep_finds_the_mocks_known_capacity_within_10_percent(mock_server, tmp_path):
+async def test_sweep_finds_the_mocks_known_capacity_then_the_open_loop_one(mock_server, tmp_path):
     mock = mock_server(MockConfig(latency=LATENCY))
     out = tmp_path / "mock_cpu.jsonl"
     outcome = await run_sweep(spec(), prober(mock.url), out)
-    cap = outcome.capacity_level["Mock"]
-    assert cap is not None and abs(cap - TRUE_CAPACITY) / TRUE_CAPACITY <= 0.10, cap
+    closed = outcome.closed["Mock"]
+    assert closed.kind == "found" and closed.level == math.floor(TRUE_CAPACITY), closed
+    assert closed.rate_low <= closed.rate_rps <= closed.rate_high
     records = read_records(out)
-    assert len(records) == outcome.probes_run  # every probe recorded, passing or not
-    assert [r.load.kind for r in records].count("prefill") == 1
-    assert records[-1].load.level == cap
-    assert all(("Mock" in r.tiers_passed) == (r.load.level <= cap) for r in records if r.load.kind == "decode")
+    assert len(records) == outcome.probes_run + outcome.open_probes_run + 1  # every probe recorded, and one prefill
+    decode = [r for r in records if r.load.kind == "decode" and r.load.mode == "closed"]
+    assert len(decode) == outcome.probes_run <= 10
+    assert [r.load.level for r in records if r.load.kind == "prefill"] == [closed.level]
+    # The open-loop step starts with Poisson arrivals at the closed-loop capacity's rate: its confirmation.
+    opened = [r for r in records if r.load.mode == "open"]
+    assert opened and opened[0].load.request_rate_rps == pytest.approx(closed.rate_rps)
+    assert outcome.open["Mock"].kind in ("found", "at_least")
+    # Every probe's per-request records sit beside the results, one line each, written first.
+    tables = read_requests(requests_path(out))
+    assert all(r.requests_file == requests_path(out).name and (r.run_id, r.probe_index) in tables for r in records)
 
 
 async def test_a_crashed_sweep_resumes_without_repeating_probes(mock_server, tmp_path):
@@ -70,9 +80,9 @@ async def test_a_crashed_sweep_resumes_without_repeating_probes(mock_server, tmp
         return await real(load, index)
 
     with pytest.raises(KeyboardInterrupt):
-        await run_sweep(spec(), crashing, out)
+        await run_sweep(spec(open_loop=False), crashing, out)
     with open(out, "a") as f:
-        f.write('{"schema_version": 1, "run_id": "torn')  # a line torn by the crash
+        f.write('{"schema_version": 2, "run_id": "torn')  # a line torn by the crash
     assert len(read_records(out)) == 3
 
     resumed = []
@@ -81,29 +91,30 @@ async def test_a_crashed_sweep_resumes_without_repeating_probes(mock_server, tmp
         resumed.append(load.level)
         return await real(load, index)
 
-    outcome = await run_sweep(spec(), counting, out)
-    assert not set(resumed) & {1.0, 2.0, 4.0}, "measured levels are reused, not probed again"
+    outcome = await run_sweep(spec(open_loop=False), counting, out)
+    assert not set(resumed) & set(calls), "measured levels are reused, not probed again"
     decode_levels = [r.load.level for r in read_records(out) if r.load.kind == "decode"]
     assert len(decode_levels) == len(set(decode_levels)), "no level measured twice"
-    assert decode_levels[:3] == [1.0, 2.0, 4.0]
-    assert outcome.capacity_level["Mock"] is not None
+    assert decode_levels[:3] == calls
+    assert outcome.closed["Mock"].kind == "found"
 
 
 async def test_text_prompt_sweep_is_its_own_sweep_and_sends_text(mock_server, tmp_path):
     """Text prompts cost the server tokenizing, so a text sweep never reuses token-id probes."""
     mock = mock_server(MockConfig(latency=LATENCY))
     out = tmp_path / "mock_cpu.jsonl"
-    await run_sweep(spec(max_probes=2, prefill_probes=False), prober(mock.url), out)
+    first = await run_sweep(spec(max_probes=2, prefill_probes=False, open_loop=False), prober(mock.url), out)
     text_cfg = ClientConfig(base_url=mock.url, model="mock-model", prompt_format="text")
     levels = []
 
     async def text_probe(load, index):
         assert load.prompts == "text"
         levels.append(load.level)
-        return await run_probe(text_cfg, load, itertools.repeat((32, 10)), spec().plan)
+        return await run_probe(text_cfg, load, itertools.repeat((32, 10)), spec().plan, tiers=[TIER])
 
-    await run_sweep(spec(max_probes=2, prefill_probes=False, prompts=text_cfg.prompts), text_probe, out)
-    assert levels == [1.0, 2.0], "token-id probes at the same levels were not reused"
+    await run_sweep(spec(max_probes=2, prefill_probes=False, open_loop=False, prompts=text_cfg.prompts), text_probe,
+                    out)
+    assert levels == [r.load.level for r in first.records], "token-id probes at the same levels were not reused"
     records = read_records(out)
     assert [r.load.prompts for r in records] == ["token_ids"] * 2 + ["text"] * 2
     assert records[2].workload == "fixed-32-10 (text)" and records[0].workload == "fixed-32-10"

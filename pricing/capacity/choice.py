@@ -1,15 +1,22 @@
-"""Which probe sets a config's capacity for an SLO tier, which prefill probe goes with it, and,
-when no probe meets the tier, why. Pure functions over probe records.
+"""A config's capacity for an SLO tier, read from its probe records through the one capacity
+definition (capacity.curve), the prefill probe that goes with it, and, when no probe meets the
+tier, why. Pure functions over probe records.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
-from pricing.measure.slo import meets, slo_verdicts
-from pricing.results import SourcedProbe
-from pricing.schema import SloTier
+from pricing.capacity.curve import BIG, Capacity, Point, capacity_from_points
+from pricing.measure.requests import cohort
+from pricing.measure.slo import Figures, slo_verdicts, stored_figures
+from pricing.measure.window import latency_at
+from pricing.results import SourcedProbe, Warn
+from pricing.schema import STORED_PERCENTILES, ProbeRecord, SloTier
 from pricing.units import fmt_ms, fmt_s
+
+LoadMode = Literal["closed", "open"]
 
 
 def group_by_config(probes: Sequence[SourcedProbe]) -> dict[tuple[str, str], list[SourcedProbe]]:
@@ -20,32 +27,72 @@ def group_by_config(probes: Sequence[SourcedProbe]) -> dict[tuple[str, str], lis
     return groups
 
 
-def capacity_is_lower_bound(probes: Sequence[SourcedProbe], tier: SloTier, cap: SourcedProbe) -> bool:
-    """True when no decode probe at a higher load failed `tier`: the search stopped (probe budget,
-    max level) before finding the limit, so the real capacity may be higher."""
-    return not any(p.record.load.kind == "decode" and p.record.load.level > cap.record.load.level
-                   and not meets(p.record.stats, tier) for p in probes)
+def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> Figures:
+    """TTFT and TPOT at the tier's percentile: stored on the probe line for p50/p90/p99, else
+    computed from its per-request records ((None, None) when it has none)."""
+    if tier.percentile in STORED_PERCENTILES:
+        return stored_figures(probe.record.stats, tier)
+    table = probe.table(warn)
+    if table is None:
+        return {"ttft": (None, None), "tpot": (None, None)}
+    sample = cohort(table)
+    return {"ttft": latency_at(sample.ttft_s, tier.percentile), "tpot": latency_at(sample.tpot_s, tier.percentile)}
 
 
-def pick_capacity(probes: Sequence[SourcedProbe], tier: SloTier) -> SourcedProbe | None:
-    """The decode probe with the highest request rate among those meeting `tier` (None if none)."""
-    passing = [
-        p for p in probes
-        if p.record.load.kind == "decode" and p.record.stats.request_rate_rps > 0 and p.record.stats.completed > 0
-        and meets(p.record.stats, tier)
-    ]
-    if not passing:
+def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> Point | None:
+    """What one decode probe says about a tier (None: it says nothing, the server was failing)."""
+    rec: ProbeRecord = probe.record
+    if rec.abort == "server_failing":
         return None
-    return max(passing, key=lambda p: (p.record.stats.request_rate_rps, p.record.stats.output_tok_s))
+    stats = rec.stats
+    rate = stats.request_rate_rps
+    rate_low, rate_high = stats.request_rate_rps_ci or (rate, rate)
+    rate_low = rate if rate_low is None else rate_low
+    rate_high = rate if rate_high is None else rate_high
+    if rec.abort == "window_not_filled":  # too slow to fill the window: a sure fail of every tier
+        return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)
+    verdicts = slo_verdicts(stats, tier, tier_figures(probe, tier, warn))
+    severity, low, high = 0.0, 0.0, 0.0
+    for v in verdicts:
+        if v.metric == "error_rate":
+            if v.outcome == "fail":
+                severity, low, high = BIG, BIG, BIG
+            continue
+        if v.value is None:
+            return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)
+        # Without an interval (schema 1 probes) the value bounds nothing: the capacity's interval
+        # stays open and says so, rather than pretending the point is exact.
+        ci_low, ci_high = v.ci if v.ci is not None else (None, None)
+        severity = max(severity, v.value / v.limit)
+        low = max(low, (ci_low if ci_low is not None else 0.0) / v.limit)
+        high = max(high, (ci_high if ci_high is not None else BIG * v.limit) / v.limit)
+    return Point(rec.load.level, severity, low, high, rate, rate_low, rate_high)
 
 
-def failure_reason(probes: Sequence[SourcedProbe], tier: SloTier) -> str:
+def decode_probes(probes: Sequence[SourcedProbe], mode: LoadMode) -> list[SourcedProbe]:
+    return [p for p in probes if p.record.load.kind == "decode" and p.record.load.mode == mode]
+
+
+def tier_capacity(probes: Sequence[SourcedProbe], tier: SloTier, mode: LoadMode, warn: Warn | None = None) -> Capacity:
+    """The tier's capacity from the config's decode probes of one load mode."""
+    points = [pt for p in decode_probes(probes, mode) if (pt := tier_point(p, tier, warn)) is not None]
+    return capacity_from_points(points, integer=mode == "closed")
+
+
+def nearest_probe(probes: Sequence[SourcedProbe], mode: LoadMode, level: float) -> SourcedProbe | None:
+    """The decode probe of `mode` whose load is closest to `level` (for its energy and lengths)."""
+    decode = decode_probes(probes, mode)
+    return min(decode, key=lambda p: abs(p.record.load.level - level), default=None)
+
+
+def failure_reason(probes: Sequence[SourcedProbe], tier: SloTier, mode: LoadMode) -> str:
     """Why no probe of a config meets `tier`, with the best value seen for the binding limit."""
-    decode = [p for p in probes if p.record.load.kind == "decode"]
+    decode = decode_probes(probes, mode)
     if not decode:
-        return "no decode probes for this config (only prefill probes)"
-    pct = f"p{tier.percentile}"
-    table = [slo_verdicts(p.record.stats, tier) for p in decode]
+        kinds = sorted({f"{p.record.load.mode} {p.record.load.kind}" for p in probes})
+        return f"no {mode}-loop decode probes for this config (it has: {', '.join(kinds) or 'none'})"
+    pct = f"p{tier.percentile:g}"
+    table = [slo_verdicts(p.record.stats, tier, tier_figures(p, tier)) for p in decode]
     names = {"ttft": f"TTFT {pct}", "tpot": f"TPOT {pct}", "error_rate": "error rate"}
     shown = {"ttft": fmt_s, "tpot": fmt_ms, "error_rate": lambda x: f"{x:.1%}"}
     for i, metric in enumerate(("ttft", "tpot", "error_rate")):
@@ -53,26 +100,26 @@ def failure_reason(probes: Sequence[SourcedProbe], tier: SloTier) -> str:
             values = [row[i].value for row in table if row[i].value is not None]
             limit = shown[metric](table[0][i].limit)
             if not values:
-                return f"no probe has a {names[metric]} sample (no request completed)"
+                return f"no probe has a {names[metric]} sample (no request completed, or no per-request records)"
             return f"no probe meets {names[metric]} <= {limit}; best {shown[metric](min(values))}"
-    if any(all(v.passed for v in row) for row in table):
-        return "the probes that meet this tier completed no requests"
+    lowest = min(p.record.load.level for p in decode)
     nearest = min(range(len(table)), key=lambda j: sum(not v.passed for v in table[j]))
     misses = ", ".join(
         f"{names[v.metric]} {shown[v.metric](v.value)} > {shown[v.metric](v.limit)}"
         for v in table[nearest] if not v.passed and v.value is not None
     )
+    if not misses:
+        return f"the tier is violated already at the lowest {mode}-loop load tried ({lowest:g})"
     level = decode[nearest].record.load
     return f"no probe meets TTFT, TPOT and errors at once; nearest ({level.mode} load {level.level:g}): {misses}"
 
 
-def pick_prefill(probes: Sequence[SourcedProbe], capacity: SourcedProbe) -> SourcedProbe | None:
-    """The prefill probe whose load level is closest to the capacity probe's (same load mode first)."""
+def pick_prefill(probes: Sequence[SourcedProbe], closed_level: float | None) -> SourcedProbe | None:
+    """The prefill probe whose concurrency is closest to the tier's closed-loop capacity (the
+    sweep runs one there), else the highest."""
     prefill = [p for p in probes if p.record.load.kind == "prefill" and p.record.stats.input_tok_s > 0]
     if not prefill:
         return None
-    load = capacity.record.load
-    return min(
-        prefill,
-        key=lambda p: (p.record.load.mode != load.mode, abs(p.record.load.level - load.level), -p.record.load.level),
-    )
+    target = closed_level if closed_level is not None else max(p.record.load.level for p in prefill)
+    return min(prefill, key=lambda p: (p.record.load.mode != "closed", abs(p.record.load.level - target),
+                                       -p.record.load.level))

@@ -1,55 +1,60 @@
 """Sweep one deployment: probe load levels chosen by `search`, record every probe, resume.
 
-Probes already in the results file (same config, profile and load mode) are reused, so a
-rerun after a crash continues where the last one stopped. After the decode search, one
-prefill-only probe (max_tokens=1) per capacity level gives the input-token rate the price
-split needs.
+Two steps. The closed-loop search (concurrency) finds each tier's neighbourhood fast; one
+prefill-only probe (max_tokens=1) per closed-loop capacity gives the input-token rate the price
+split needs; then an open-loop search (Poisson arrivals, request rate) starts at each tier's
+closed-loop capacity rate, which is its confirmation, and resolves the capacity a service with
+independent arrivals has. Probes already in the results file (same config, profile, prompt kind
+and schema) are reused, so a rerun after a crash continues where the last one stopped. Each
+probe's per-request records go to the `.requests.jsonl` file beside the results, before its line.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from pricing.capacity.search import (
-    SearchParams,
-    capacity_level,
-    histories_from,
-    next_probe,
-)
+from pricing.capacity.choice import tier_point
+from pricing.capacity.curve import Capacity, Point, capacity_from_points
+from pricing.capacity.search import SearchParams, next_level
 from pricing.load.client import ProbePlan
 from pricing.measure.probe import ProbeResult
+from pricing.measure.requests import requests_path
 from pricing.measure.slo import meets
-from pricing.results import append_record, read_records, repair_torn_tail
+from pricing.results import SourcedProbe, append_record, read_records, repair_torn_tail
 from pricing.schema import (
+    SCHEMA_VERSION,
     DeploymentConfig,
     LoadSpec,
     ProbeRecord,
     ProfileSummary,
     PromptKind,
     SloTier,
+    Strict,
 )
 
 ProbeFn = Callable[[LoadSpec, int], Awaitable[ProbeResult]]
+Mode = Literal["closed", "open"]
 
 
-class SweepSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SweepSpec(Strict):
     config: DeploymentConfig
     profile: ProfileSummary
     tiers: list[SloTier]
-    search: SearchParams = Field(default_factory=SearchParams)
+    search: SearchParams = Field(default_factory=SearchParams)  # of the first step's load (mode)
     plan: ProbePlan = Field(default_factory=ProbePlan)
-    mode: Literal["closed", "open"] = "closed"
+    mode: Mode = "closed"  # the first step; open: a request-rate search only
     prompts: PromptKind = "token_ids"  # must match the client's: a sweep resumes only its own kind
-    max_probes: int = Field(default=12, ge=1)  # decode probes run by this invocation
+    max_probes: int = Field(default=10, ge=1)  # decode probes of the first step, this invocation
     prefill_probes: bool = True
+    open_loop: bool = True  # after a closed-loop search, the open-loop step
+    max_open_probes: int = Field(default=8, ge=0)  # its probes, this invocation
+    burstiness: float = Field(default=1.0, gt=0)  # open-loop arrivals: gamma shape (1 = Poisson)
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -68,30 +73,34 @@ class _Silent:
         pass
 
 
-# budget: --max-probes spent (rerun to continue); server_failed: a probe completed no request.
+# budget: a step's probe budget was spent (rerun to continue); server_failed: a probe completed no request.
 StopKind = Literal["budget", "server_failed"]
 
 
 class SweepOutcome(BaseModel):
-    capacity_level: dict[str, float | None]  # per tier: highest passing level (None: none passes)
+    closed: dict[str, Capacity]  # per tier, from the closed-loop probes
+    open: dict[str, Capacity]  # per tier, from the open-loop probes
     records: list[ProbeRecord]
     probes_run: int
+    open_probes_run: int = 0
     stop: StopKind | None = None  # why the sweep stopped early, if it did
     stopped: str | None = None  # the same, for people
+    warnings: list[str] = Field(default_factory=list)  # e.g. Poisson arrivals at a closed-loop capacity fail
 
 
-def _load(spec: SweepSpec, level: float, kind: Literal["decode", "prefill"]) -> LoadSpec:
-    if spec.mode == "closed":
+def _load(spec: SweepSpec, mode: Mode, level: float, kind: Literal["decode", "prefill"]) -> LoadSpec:
+    if mode == "closed":
         return LoadSpec(mode="closed", concurrency=int(level), kind=kind, prompts=spec.prompts)
-    return LoadSpec(mode="open", request_rate_rps=level, kind=kind, prompts=spec.prompts)
+    return LoadSpec(mode="open", request_rate_rps=level, kind=kind, prompts=spec.prompts, burstiness=spec.burstiness)
 
 
 def _same_sweep(rec: ProbeRecord, spec: SweepSpec) -> bool:
-    return (rec.config.key == spec.config.key and rec.profile.name == spec.profile.name and rec.load.mode == spec.mode
-            and rec.load.prompts == spec.prompts)
+    return (rec.config.key == spec.config.key and rec.profile.name == spec.profile.name
+            and rec.load.prompts == spec.prompts and rec.schema_version == SCHEMA_VERSION)
 
 
-def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult) -> ProbeRecord:
+def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult, requests_file: str | None
+               ) -> ProbeRecord:
     passed = [t.name for t in spec.tiers if load.kind == "decode" and meets(result.stats, t)]
     return ProbeRecord(
         run_id=spec.run_id,
@@ -107,52 +116,114 @@ def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult)
         abort=result.abort,
         note=result.aborted,
         warnings=result.warnings,
+        requests_file=requests_file,
+        undecided_at_cap=result.undecided_at_cap,
     )
 
 
-async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents | None = None) -> SweepOutcome:
-    events = events or _Silent()
-    repair_torn_tail(out_path)
-    mine = [r for r in read_records(out_path) if _same_sweep(r, spec)]
-    done = {(r.load.kind, r.load.level): r for r in mine}
-    for rec in mine:
-        events.probe_finished(rec, reused=True)
-    tier_names = [t.name for t in spec.tiers]
-    next_index = max((r.probe_index for r in mine), default=-1) + 1
-    probes_run, stop, stopped = 0, None, None
+def points_by_tier(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mode: Mode) -> dict[str, list[Point]]:
+    decode = [SourcedProbe(r) for r in records if r.load.kind == "decode" and r.load.mode == mode]
+    return {t.name: [pt for p in decode if (pt := tier_point(p, t)) is not None] for t in tiers}
 
-    def histories():
-        decode = [r for r in done.values() if r.load.kind == "decode" and r.abort in (None, "window_not_filled")]
-        return histories_from([(r.load.level, {t.name: meets(r.stats, t) for t in spec.tiers}) for r in decode], tier_names)
 
-    async def measure(level: float, kind: Literal["decode", "prefill"]) -> ProbeRecord:
-        nonlocal next_index, probes_run
-        load = _load(spec, level, kind)
-        events.probe_started(load, next_index)
-        result = await probe(load, next_index)
-        record = _to_record(spec, next_index, load, result)
-        append_record(out_path, record)
-        done[(kind, load.level)] = record
-        next_index += 1
-        probes_run += 1
-        events.probe_finished(record, reused=False)
+def capacities(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mode: Mode) -> dict[str, Capacity]:
+    return {name: capacity_from_points(pts, integer=mode == "closed")
+            for name, pts in points_by_tier(records, tiers, mode).items()}
+
+
+def _open_params(spec: SweepSpec, closed_rates: Sequence[float], records: Sequence[ProbeRecord]) -> SearchParams:
+    """The rate search around the closed-loop capacities: small steps, no rounding."""
+    fastest = max([r.stats.request_rate_rps for r in records if r.load.kind == "decode"] + list(closed_rates))
+    start = min(closed_rates) if closed_rates else spec.search.start
+    return SearchParams(start=start, growth=1.5, tolerance=spec.search.tolerance, integer=False,
+                        min_level=max(1e-3, start / 64), max_level=max(fastest * 2, start * 2))
+
+
+class _Run:
+    """The sweep's mutable part: records so far, the output file, the event sink, counters."""
+
+    def __init__(self, spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents) -> None:
+        self.spec, self.probe, self.out_path, self.events = spec, probe, out_path, events
+        repair_torn_tail(out_path)
+        self.records = [r for r in read_records(out_path) if _same_sweep(r, spec)]
+        self.next_index = max((r.probe_index for r in self.records), default=-1) + 1
+        for rec in self.records:
+            events.probe_finished(rec, reused=True)
+
+    def levels(self, mode: Mode, kind: Literal["decode", "prefill"] = "decode") -> set[float]:
+        return {r.load.level for r in self.records if r.load.mode == mode and r.load.kind == kind}
+
+    async def measure(self, mode: Mode, level: float, kind: Literal["decode", "prefill"]) -> ProbeRecord:
+        load = _load(self.spec, mode, level, kind)
+        self.events.probe_started(load, self.next_index)
+        result = await self.probe(load, self.next_index)
+        requests_file = None
+        if result.table is not None:
+            table = result.table.model_copy(update={"run_id": self.spec.run_id, "probe_index": self.next_index})
+            sidecar = requests_path(self.out_path)
+            append_record(sidecar, table)  # before the probe line: a line never points at nothing
+            requests_file = sidecar.name
+        record = _to_record(self.spec, self.next_index, load, result, requests_file)
+        append_record(self.out_path, record)
+        self.records.append(record)
+        self.next_index += 1
+        self.events.probe_finished(record, reused=False)
         return record
 
-    while (level := next_probe(histories(), spec.search)) is not None:
-        if probes_run >= spec.max_probes:
-            stop, stopped = "budget", f"probe budget of {spec.max_probes} spent; rerun to continue"
-            break
-        record = await measure(level, "decode")
-        if record.stats.completed == 0 and record.abort != "window_not_filled":
-            stop, stopped = "server_failed", f"probe at {spec.mode} load {level:g} completed no request: {record.note}"
-            break
+    async def search(self, mode: Mode, params: SearchParams, budget: int,
+                     first: dict[str, float] | None = None) -> tuple[int, StopKind | None, str | None]:
+        """Probe where the search asks until every tier is resolved or `budget` probes ran.
+        `first`: a level per tier to probe before the search proper (while a tier has no point)."""
+        run = 0
+        while True:
+            points = points_by_tier(self.records, self.spec.tiers, mode)
+            tried = self.levels(mode)
+            wanted = [lvl for name, lvl in (first or {}).items() if not points[name] and lvl not in tried]
+            level = min(wanted) if wanted else next_level(points, params, tried)
+            if level is None:
+                return run, None, None
+            if run >= budget:
+                return run, "budget", f"{mode}-loop probe budget of {budget} spent; rerun to continue"
+            record = await self.measure(mode, level, "decode")
+            run += 1
+            if record.stats.completed == 0 and record.abort != "window_not_filled":
+                return run, "server_failed", f"probe at {mode} load {level:g} completed no request: {record.note}"
 
-    capacity = {name: capacity_level(h) for name, h in histories().items()}
-    # Prefill probes for the capacities known so far, also when the budget ran out: without
-    # them the pricer can only fall back to a fixed ratio.
-    if spec.prefill_probes and stop != "server_failed":
-        for level in sorted({c for c in capacity.values() if c is not None}):
-            if ("prefill", level) not in done:
-                await measure(level, "prefill")
-    return SweepOutcome(capacity_level=capacity, records=list(done.values()), probes_run=probes_run, stop=stop,
-                        stopped=stopped)
+
+async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents | None = None) -> SweepOutcome:
+    state = _Run(spec, probe, out_path, events or _Silent())
+    warnings: list[str] = []
+    run, stop, stopped = await state.search(spec.mode, spec.search, spec.max_probes)
+    open_run = 0
+    if spec.mode == "closed" and stop != "server_failed":
+        closed = capacities(state.records, spec.tiers, "closed")
+        # Prefill probes at the capacities known so far, also when the budget ran out: without
+        # them the pricer can only fall back to a fixed ratio.
+        if spec.prefill_probes:
+            for level in sorted({c.level for c in closed.values() if c.kind == "found" and c.level}):
+                if level not in state.levels("closed", "prefill"):
+                    await state.measure("closed", level, "prefill")
+        rates = {name: c.rate_rps for name, c in closed.items() if c.kind == "found" and c.rate_rps}
+        if spec.open_loop and rates and spec.max_open_probes > 0:
+            params = _open_params(spec, list(rates.values()), state.records)
+            open_run, open_stop, open_stopped = await state.search("open", params, spec.max_open_probes, first=rates)
+            stop, stopped = stop or open_stop, stopped or open_stopped
+            warnings += _confirmation_warnings(state.records, spec.tiers, rates)
+    return SweepOutcome(closed=capacities(state.records, spec.tiers, "closed"),
+                        open=capacities(state.records, spec.tiers, "open"), records=state.records,
+                        probes_run=run, open_probes_run=open_run, stop=stop, stopped=stopped, warnings=warnings)
+
+
+def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], rates: dict[str, float]
+                           ) -> list[str]:
+    """Poisson arrivals at a tier's closed-loop capacity rate that surely violate the tier."""
+    out = []
+    for tier in tiers:
+        rate = rates.get(tier.name)
+        at = [r for r in records if r.load.mode == "open" and r.load.kind == "decode" and rate is not None
+              and abs(r.load.level - rate) <= 1e-9 * max(rate, 1)]
+        points = [pt for r in at if (pt := tier_point(SourcedProbe(r), tier)) is not None]
+        if points and all(pt.severity_low > 1 for pt in points):
+            out.append(f"{tier.name}: Poisson arrivals at its closed-loop capacity ({rate:.3g} req/s) violate the "
+                       "tier; the open-loop capacity is lower and prices it")
+    return out

@@ -13,13 +13,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pricing.capacity.choice import (
-    capacity_is_lower_bound,
-    failure_reason,
-    group_by_config,
-    pick_capacity,
-    pick_prefill,
-)
+from pricing.capacity.choice import failure_reason, group_by_config, nearest_probe, pick_prefill, tier_capacity
+from pricing.capacity.curve import Capacity
 from pricing.cost.catalog import (
     PRICING_TIERS,
     Catalog,
@@ -53,6 +48,9 @@ class PricingParams(Frozen):
     replicas: int = Field(default=1, ge=1)
     region: str | None = None  # energy price and carbon region; the catalog's default when None
     energy_cost: bool = False  # self-hosted: add measured energy x $/kWh (cloud rates include power)
+    # open: capacity under independent (Poisson) arrivals, what a service sees; closed: under a
+    # fixed number of clients in lockstep, as tools that only measure closed loops report it.
+    load_model: Literal["open", "closed"] = "open"
 
 
 class PricePair(Frozen):
@@ -93,11 +91,19 @@ class PriceRow(Frozen):
     split: Split
     split_used: Split | None = None
     cost_recovering: bool = True
-    capacity_probe: str | None = None  # file:line
+    capacity_probe: str | None = None  # file:line of the probe nearest the capacity (energy, latencies shown)
     prefill_probe: str | None = None
-    load_level: float | None = None
-    capacity_lower_bound: bool = False  # no higher-load probe failed the tier: the real capacity may be higher
+    load_model: Literal["open", "closed"] = "closed"  # which capacity priced the row
+    load_level: float | None = None  # concurrency or request rate at the capacity
+    capacity_kind: str = "found"  # found / at_least (never violated up to the highest load tried)
+    capacity_lower_bound: bool = False  # capacity_kind == at_least: the prices are upper bounds
     capacity_rps: float | None = None
+    capacity_rps_low: float | None = None  # its 95% interval (None: not bounded by the probes)
+    capacity_rps_high: float | None = None
+    closed_capacity_rps: float | None = None  # both capacities, when measured, and open / closed
+    open_capacity_rps: float | None = None
+    open_over_closed: float | None = None
+    capacity_probes: int | None = None  # decode probes the capacity was read from
     capacity_input_tok_s: float | None = None
     capacity_output_tok_s: float | None = None
     ttft_s: float | None = None  # at the tier's percentile (seed files: mean)
@@ -113,6 +119,11 @@ class PriceRow(Frozen):
     cost_usd_per_request: float | None = None
     input_usd_per_mtok: float | None = None
     output_usd_per_mtok: float | None = None
+    # 95% intervals of the prices, from the capacity's and the prefill rate's (None: unbounded)
+    input_usd_per_mtok_low: float | None = None
+    input_usd_per_mtok_high: float | None = None
+    output_usd_per_mtok_low: float | None = None
+    output_usd_per_mtok_high: float | None = None
     recovering: PricePair | None = None  # split == "seed": the cost-recovering prices for the same data
     usd_per_request_p50: float | None = None
     usd_per_request_p90: float | None = None
@@ -183,80 +194,146 @@ class _AtRate:
     recovering: SplitResult
 
 
-def _price_at_rate(gpu_rate_usd_h: float, cap: SourcedProbe, prefill: SourcedProbe | None, power_w: float | None,
-                   usd_per_kwh: float, params: PricingParams) -> _AtRate:
+@dataclass(frozen=True)
+class _Operating:
+    """A server at its capacity: request rate, tokens per request, prefill rate and power."""
+
+    rate_rps: float
+    isl: float
+    osl: float
+    prefill_tok_s: float | None
+    power_w: float | None
+    gpu_count: int
+
+
+def _price_at_rate(gpu_rate_usd_h: float, op: _Operating, usd_per_kwh: float, params: PricingParams) -> _AtRate:
     """H, H_eff, c and the prices of one server (one replica) at one GPU rate."""
-    rec, stats = cap.record, cap.record.stats
-    energy_usd_h = power_w / 1000.0 * usd_per_kwh if power_w is not None and params.energy_cost else 0.0
-    hourly = rec.config.gpu_count * gpu_rate_usd_h + energy_usd_h
+    energy_usd_h = op.power_w / 1000.0 * usd_per_kwh if op.power_w is not None and params.energy_cost else 0.0
+    hourly = op.gpu_count * gpu_rate_usd_h + energy_usd_h
     h_eff = effective_hourly_usd(hourly, params.utilization, params.margin)
-    cost = cost_per_request_usd(h_eff, stats.request_rate_rps)
-    isl, osl = request_tokens(stats)
-    prefill_tok_s = prefill.record.stats.input_tok_s if prefill is not None else None
+    cost = cost_per_request_usd(h_eff, op.rate_rps)
     reason = "no prefill probe (load.kind == 'prefill') for this config"
-    recovering = recovering_split(cost, h_eff, isl, osl, params.ratio, prefill_tok_s, reason)
+    recovering = recovering_split(cost, h_eff, op.isl, op.osl, params.ratio, op.prefill_tok_s, reason)
     chosen = recovering if params.split == "prefill" else split_prices(
-        params.split, cost, h_eff, isl, osl, params.ratio, prefill_tok_s, stats.input_tok_s, stats.output_tok_s)
+        params.split, cost, h_eff, op.isl, op.osl, params.ratio, op.prefill_tok_s, op.rate_rps * op.isl,
+        op.rate_rps * op.osl)
     return _AtRate(hourly, energy_usd_h, h_eff, cost, chosen, recovering)
+
+
+def _price_bounds(gpu_rate: float, op: _Operating, cap: Capacity, prefill_ci: tuple[float | None, float | None],
+                  usd_per_kwh: float, params: PricingParams) -> dict[str, float]:
+    """Price intervals: the prices at every corner of the capacity's interval and the prefill
+    rate's; empty (unbounded) when either interval is."""
+    prefills = prefill_ci if op.prefill_tok_s is not None else (None,)
+    ends = [cap.rate_low, cap.rate_high, *prefills] if op.prefill_tok_s is not None else [cap.rate_low, cap.rate_high]
+    if any(end is None or end <= 0 for end in ends):
+        return {}
+    corners = [_price_at_rate(gpu_rate, _Operating(rate, op.isl, op.osl, prefill, op.power_w, op.gpu_count),
+                              usd_per_kwh, params).chosen
+               for rate in (cap.rate_low, cap.rate_high) for prefill in prefills]
+    prices_in = [c.input_usd_per_tok * MTOK for c in corners]
+    prices_out = [c.output_usd_per_tok * MTOK for c in corners]
+    return {"input_usd_per_mtok_low": min(prices_in), "input_usd_per_mtok_high": max(prices_in),
+            "output_usd_per_mtok_low": min(prices_out), "output_usd_per_mtok_high": max(prices_out)}
+
+
+def _tokens_per_request(probe: SourcedProbe) -> tuple[float, float]:
+    """Mean (ISL, OSL) per request of the traffic measured: the profile's population means as the
+    server counted them (schema 2), else the old probe's token rates over its request rate."""
+    stats = probe.record.stats
+    if stats.lengths_mean is not None and stats.lengths_mean[1] > 0:
+        return stats.lengths_mean
+    return request_tokens(stats)
+
+
+def _capacities(probes: Sequence[SourcedProbe], tier: SloTier, params: PricingParams
+                ) -> tuple[Capacity, Capacity, Capacity, str, list[str]]:
+    """The closed- and open-loop capacities, and which one prices the tier (with why)."""
+    closed, opened = tier_capacity(probes, tier, "closed"), tier_capacity(probes, tier, "open")
+    warnings: list[str] = []
+    if params.load_model == "closed" or opened.probes == 0:
+        if params.load_model == "open":
+            warnings.append("no open-loop probes: priced on the closed-loop capacity, which can overstate what "
+                            "independent arrivals sustain; sweep again (it resumes) to add the open-loop step")
+        return closed, opened, closed, "closed", warnings
+    return closed, opened, opened, "open", warnings
+
+
+def _interval_warnings(cap: Capacity, mode: str) -> list[str]:
+    if cap.kind == "at_least":
+        return [f"capacity is a lower bound: no {mode}-loop probe up to load {cap.highest_level:g} violated the tier, "
+                "so the prices are upper bounds; sweep with a higher --max-level"]
+    if cap.half_width is None:
+        return [f"the capacity's 95% interval is not bounded by the {mode}-loop probes so far: rerun the sweep "
+                "(it resumes) to resolve it"]
+    if cap.half_width > 0.05:
+        return [f"capacity known to +-{cap.half_width:.0%} only (95%); rerun the sweep (it resumes) to narrow it"]
+    return []
 
 
 def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog, params: PricingParams) -> PriceRow:
     """The price row of one config (all `probes` share config.key and profile) for one tier."""
     cfg = probes[0].record.config
     n = params.replicas
-    base = dict(config_key=cfg.key, profile=probes[0].record.workload, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp, gpu_name=cfg.gpu_name,
-                gpu_count=cfg.gpu_count, replicas=n, tier=tier, split=params.split)
-    cap = pick_capacity(probes, tier)
-    if cap is None:
-        return PriceRow(**base, feasible=False, reason=failure_reason(probes, tier))
+    base = dict(config_key=cfg.key, profile=probes[0].record.workload, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp,
+                gpu_name=cfg.gpu_name, gpu_count=cfg.gpu_count, replicas=n, tier=tier, split=params.split)
+    closed, opened, cap, mode, warnings = _capacities(probes, tier, params)
+    if cap.kind == "none" or cap.rate_rps is None or cap.rate_rps <= 0:
+        return PriceRow(**base, feasible=False, load_model=mode, reason=failure_reason(probes, tier, mode))  # type: ignore[arg-type]
     rates = ({"hourly_rate": params.hourly_rate_usd} if params.hourly_rate_usd is not None else
              {t: r for t in PRICING_TIERS if (r := gpu_rate_usd_h(catalog, cfg.gpu_name, t)) is not None})
     rate = params.hourly_rate_usd if params.hourly_rate_usd is not None else rates.get(params.pricing_tier)
     if rate is None:
         return PriceRow(**base, feasible=False, reason=f"the catalog has no {params.pricing_tier} rate for "
                         f"{cfg.gpu_name}; pass --catalog FILE or --hourly-rate USD")
-    stats = cap.record.stats
-    prefill = pick_prefill(probes, cap)
+    near = nearest_probe(probes, mode, cap.level or 0.0)  # type: ignore[arg-type]
+    assert near is not None  # a capacity was read from this mode's probes
+    stats = near.record.stats
+    isl, osl = _tokens_per_request(near)
+    prefill = pick_prefill(probes, closed.level if closed.kind != "none" else None)
     region = params.region or catalog.meta.default_region
-    energy = cap.record.energy
+    energy = near.record.energy
     power_w = energy.energy_j / stats.window_s if energy is not None and stats.window_s > 0 else None
     usd_per_kwh = catalog.regions[region].usd_per_kwh
-    at = _price_at_rate(rate, cap, prefill, power_w, usd_per_kwh, params)
-    variants = {t: per_mtok(_price_at_rate(r, cap, prefill, power_w, usd_per_kwh, params).chosen)
-                for t, r in rates.items()}
-    isl, osl = request_tokens(stats)
-    pairs = cap.record.profile.sample_pairs or [(isl, osl)]
+    prefill_tok_s = prefill.record.stats.input_tok_s if prefill is not None else None
+    op = _Operating(cap.rate_rps, isl, osl, prefill_tok_s, power_w, cfg.gpu_count)
+    at = _price_at_rate(rate, op, usd_per_kwh, params)
+    variants = {t: per_mtok(_price_at_rate(r, op, usd_per_kwh, params).chosen) for t, r in rates.items()}
+    prefill_ci = (prefill.record.stats.input_tok_s_ci or (prefill_tok_s, prefill_tok_s)) if prefill else (None, None)
+    bounds = _price_bounds(rate, op, cap, prefill_ci, usd_per_kwh, params) if cap.kind == "found" else {}
+    pairs = near.record.profile.sample_pairs or [(isl, osl)]
     p_in, p_out = at.chosen.input_usd_per_tok, at.chosen.output_usd_per_tok
     per_request = np.percentile(np.array([i * p_in + o * p_out for i, o in pairs]), [50, 90, 99])
-    warnings = list(at.chosen.warnings)
-    lower_bound = capacity_is_lower_bound(probes, tier, cap)
-    if lower_bound:
-        warnings.append(f"capacity is a lower bound: no probe at a load above {cap.record.load.level:g} failed the "
-                        "tier, so the prices are upper bounds; rerun the sweep (it resumes) with a larger --max-probes")
+    warnings = [*at.chosen.warnings, *warnings, *_interval_warnings(cap, mode)]
     if params.split == "seed":
         warnings.insert(0, "seed convention: NOT cost-recovering (input and output prices each collect the full "
                            "hourly cost, 2x in total); 'recovering' holds the default cost-recovering prices")
         warnings.extend(at.recovering.warnings)
+    both = closed.kind == "found" and opened.kind == "found" and closed.rate_rps and opened.rate_rps
     prices = per_mtok(at.chosen)
+    scaled = lambda v: v * n if v is not None else None  # noqa: E731
     return PriceRow(
         **base, feasible=True, split_used=at.chosen.split_used, cost_recovering=at.chosen.cost_recovering,
-        capacity_probe=cap.where, prefill_probe=prefill.where if prefill is not None else None,
-        load_level=cap.record.load.level, capacity_lower_bound=lower_bound, capacity_rps=stats.request_rate_rps * n,
-        capacity_input_tok_s=stats.input_tok_s * n, capacity_output_tok_s=stats.output_tok_s * n,
+        capacity_probe=near.where, prefill_probe=prefill.where if prefill is not None else None, load_model=mode,
+        load_level=cap.level, capacity_kind=cap.kind, capacity_lower_bound=cap.kind == "at_least",
+        capacity_rps=cap.rate_rps * n, capacity_rps_low=scaled(cap.rate_low), capacity_rps_high=scaled(cap.rate_high),
+        closed_capacity_rps=scaled(closed.rate_rps) if closed.kind == "found" else None,
+        open_capacity_rps=scaled(opened.rate_rps) if opened.kind == "found" else None,
+        open_over_closed=opened.rate_rps / closed.rate_rps if both else None,  # type: ignore[operator]
+        capacity_probes=cap.probes,
+        capacity_input_tok_s=cap.rate_rps * isl * n, capacity_output_tok_s=cap.rate_rps * osl * n,
         ttft_s=stats.latency("ttft", tier.percentile), tpot_s=stats.latency("tpot", tier.percentile),
-        error_rate=stats.error_rate, mean_isl=isl, mean_osl=osl,
-        prefill_tok_s=prefill.record.stats.input_tok_s if prefill is not None else None,
+        error_rate=stats.error_rate, mean_isl=isl, mean_osl=osl, prefill_tok_s=prefill_tok_s,
         gpu_rate_usd_h=rate, hourly_cost_usd=at.hourly_usd * n,
         energy_usd_h=at.energy_usd_h * n if power_w is not None else None,
         effective_hourly_cost_usd=at.effective_usd_h * n, cost_usd_per_request=at.cost_usd,
-        input_usd_per_mtok=prices.input_usd_per_mtok, output_usd_per_mtok=prices.output_usd_per_mtok,
+        input_usd_per_mtok=prices.input_usd_per_mtok, output_usd_per_mtok=prices.output_usd_per_mtok, **bounds,
         recovering=per_mtok(at.recovering) if params.split == "seed" else None,
         usd_per_request_p50=float(per_request[0]), usd_per_request_p90=float(per_request[1]),
         usd_per_request_p99=float(per_request[2]),
-        tok_s_per_usd_h=(stats.input_tok_s + stats.output_tok_s) / at.effective_usd_h
-        if at.effective_usd_h > 0 else None,
+        tok_s_per_usd_h=cap.rate_rps * (isl + osl) / at.effective_usd_h if at.effective_usd_h > 0 else None,
         variants=variants,
-        energy=_energy_prices(power_w, stats.request_rate_rps, at.recovering, at.cost_usd, catalog, region)
+        energy=_energy_prices(power_w, cap.rate_rps, at.recovering, at.cost_usd, catalog, region)
         if power_w is not None else None,
         warnings=warnings,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from pricing.load.read_stamps import ReadLog, stamped_connector
 from pricing.load.sse import parse_stream
-from pricing.schema import CANCELLED, AbortKind, LoadSpec, PromptKind, RequestRecord
+from pricing.schema import (
+    CANCELLED,
+    AbortKind,
+    LoadSpec,
+    PromptKind,
+    RequestRecord,
+    Strict,
+)
 from pricing.workload.prompts import PromptFactory, PromptSource
 
 OnRecord = Callable[[RequestRecord], None]
@@ -45,18 +52,34 @@ class ClientConfig(BaseModel):
         return "chat" if self.endpoint == "chat" else self.prompt_format
 
 
-class ProbePlan(BaseModel):
-    """How long a probe runs: until the steady-state window holds enough evidence."""
+class ProbePlan(Strict):
+    """How long a probe runs: until its steady-state window holds enough evidence.
 
-    model_config = ConfigDict(extra="forbid")
+    The window lasts at least `min_window_s` and `window_e2e_multiple` times the p90 end-to-end
+    latency of the warm-up requests (so heavy-tailed traffic gets enough samples without tuning),
+    holds `min_requests` completions, and then runs on, while the caller's stop rule says its
+    figures are undecided, up to `max_duration_s` for the whole probe. After the window closes
+    the load goes on until the requests sent in it have finished (at most `tail_frac` of the
+    window again), so their latencies are measured under the same load.
+    """
 
-    min_window_s: float = Field(default=20.0, ge=0)
+    min_window_s: float = Field(default=10.0, ge=0)
+    window_e2e_multiple: float = Field(default=2.0, ge=0)
     min_requests: int = Field(default=20, ge=1)
     max_duration_s: float = Field(default=300.0, gt=0)
+    tail_frac: float = Field(default=0.5, ge=0)
     # Closed loop: worker i starts at i/N x ramp_up_s, so N identical requests do not arrive as one herd.
     ramp_up_s: float = Field(default=0.0, ge=0)
     # Give up early when this many requests failed and none succeeded (server down).
     fail_fast_after: int = Field(default=20, ge=1)
+
+
+# Called at most every STOP_RULE_EVERY_S once the window is long enough: (records so far, window
+# start, now) -> True when the figures the probe is judged on are decided.
+StopRule = Callable[[Sequence[RequestRecord], int, int], bool]
+# Told when the window opens and when it closes (e.g. to scrape the server's /metrics then).
+WindowMark = Callable[[Literal["open", "close"], int], None]
+STOP_RULE_EVERY_S = 1.0
 
 
 @dataclass
@@ -65,10 +88,11 @@ class LoadRun:
 
     records: list[RequestRecord]
     window_start_ns: int
-    window_end_ns: int
+    window_end_ns: int  # when the window closed; records go on to the end of the tail
     aborted: str | None = None  # why the probe stopped early, for people
     abort: AbortKind | None = None  # the same, for code
     prompt_wait_s: float | None = None  # mean wait per in-window request for its prompt (None: none taken)
+    undecided_at_cap: bool = False  # the stop rule never said decided before max_duration_s
 
 
 @dataclass
@@ -78,12 +102,17 @@ class _RunState:
     on_record: OnRecord | None
     records: list[RequestRecord] = field(default_factory=list)
     window_start_ns: int | None = None
+    window_end_ns: int | None = None
+    window_target_s: float = 0.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     ok_count: int = 0
     fail_count: int = 0
     window_completions: int = 0
+    in_flight: int = 0  # requests sent and not yet recorded
+    tail_pending: int = 0  # requests sent before the window closed that have not finished
     aborted: str | None = None
     abort: AbortKind | None = None
+    undecided_at_cap: bool = False
     prompt_wait_ns: int = 0  # in the window, summed over requests: time spent waiting for a prompt
     prompts_taken: int = 0  # in the window
 
@@ -102,6 +131,13 @@ class _RunState:
                 self.stop.set()
         if self.on_record is not None:
             self.on_record(rec)
+
+    def open_window(self, now_ns: int) -> None:
+        """Warm-up is over: the window's length follows from how long warm-up requests took."""
+        self.window_start_ns = now_ns
+        e2e = [(r.end_ns - r.start_ns) / 1e9 for r in self.records if r.ok]
+        p90 = float(np.percentile(e2e, 90)) if e2e else 0.0
+        self.window_target_s = max(self.plan.min_window_s, self.plan.window_e2e_multiple * p90)
 
 
 def _request_body(cfg: ClientConfig, prompt: list[int] | str, max_tokens: int) -> dict:
@@ -228,21 +264,42 @@ def _arrival_gaps_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[f
         yield from rng.gamma(burstiness, scale, size=1024)
 
 
-async def _controller(state: _RunState, clock: Callable[[], int]) -> None:
-    """Closes the window once it has min_window_s and min_requests, or at max_duration_s."""
+async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: StopRule | None,
+                      mark: WindowMark | None) -> None:
+    """Opens nothing (the load does that at the end of warm-up); closes the window once it is full
+    and decided, then ends the probe when the window's requests have finished (or the tail's cap)."""
     plan, t0 = state.plan, clock()
+    last_rule_ns, opened, tail_end_ns = 0, False, 0
     while not state.stop.is_set():
         now = clock()
         w0 = state.window_start_ns
-        enough = (
-            w0 is not None
-            and (now - w0) / 1e9 >= plan.min_window_s
-            and state.window_completions >= plan.min_requests
-        )
-        if enough or (now - t0) / 1e9 >= plan.max_duration_s:
-            if not enough and state.aborted is None:
-                state.abort = "window_not_filled"
-                state.aborted = f"max_duration_s={plan.max_duration_s:g} reached before the window filled"
+        if w0 is not None and not opened:
+            opened = True
+            if mark is not None:
+                mark("open", w0)
+        over_time = (now - t0) / 1e9 >= plan.max_duration_s
+        if state.window_end_ns is None:
+            filled = (w0 is not None and (now - w0) / 1e9 >= state.window_target_s
+                      and state.window_completions >= plan.min_requests)
+            decided = filled and stop_rule is None
+            if filled and not decided and (now - last_rule_ns) / 1e9 >= STOP_RULE_EVERY_S:
+                last_rule_ns = now
+                decided = stop_rule(state.records, w0, now)  # type: ignore[arg-type,misc]
+            if decided or (filled and over_time):
+                state.undecided_at_cap = not decided
+                state.window_end_ns, state.tail_pending = now, state.in_flight
+                window_s = (now - w0) / 1e9  # type: ignore[operator]
+                tail_s = min(plan.tail_frac * window_s, max(0.0, plan.max_duration_s - (now - t0) / 1e9))
+                tail_end_ns = now + int(tail_s * 1e9)
+                if mark is not None:
+                    mark("close", now)
+            elif over_time:
+                if state.aborted is None:
+                    state.abort = "window_not_filled"
+                    state.aborted = f"max_duration_s={plan.max_duration_s:g} reached before the window filled"
+                state.stop.set()
+                return
+        elif state.tail_pending <= 0 or now >= tail_end_ns:
             state.stop.set()
             return
         try:
@@ -258,8 +315,11 @@ async def drive_load(
     plan: ProbePlan | None = None,
     on_record: OnRecord | None = None,
     clock: Callable[[], int] = time.perf_counter_ns,
+    stop_rule: StopRule | None = None,
+    mark: WindowMark | None = None,
 ) -> LoadRun:
-    """Drive one load level until its steady-state window is full, then stop and cut the rest.
+    """Drive one load level through warm-up, its steady-state window and the window's tail, then
+    stop and cut the rest.
 
     Warm-up ends when every closed-loop worker has completed one request (open loop: when the
     first request completes, i.e. the pipeline is full). The drain starts when issuing stops;
@@ -267,10 +327,10 @@ async def drive_load(
     """
     state = _RunState(plan=plan or ProbePlan(), load=load, on_record=on_record)
     with PromptFactory(cfg) as prompts:  # new token ids every probe: nothing for the prefix cache
-        return await _drive(cfg, load, pairs, state, prompts, clock)
+        return await _drive(cfg, load, pairs, state, prompts, clock, stop_rule, mark)
 
 
-async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clock) -> LoadRun:
+async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clock, stop_rule, mark) -> LoadRun:
     limit = load.concurrency or 0
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
     connector = stamped_connector(clock, limit=limit, limit_per_host=limit)
@@ -292,13 +352,20 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
                 return _failed_before_send(isl, osl, f"prompt_{type(prompt).__name__}", clock)
             if isinstance(prompt, Exception):
                 raise prompt
-            return await send_request(session, cfg, prompt, isl, osl, clock)
+            state.in_flight += 1
+            sent_ns = clock()
+            try:
+                return await send_request(session, cfg, prompt, isl, osl, clock)
+            finally:
+                state.in_flight -= 1
+                if state.window_end_ns is not None and sent_ns <= state.window_end_ns:
+                    state.tail_pending -= 1
 
         if load.mode == "closed":
             tasks = _start_closed_loop(state, send_next)
         else:
             tasks = [asyncio.create_task(_open_loop(state, send_next, cfg.seed, clock))]
-        await _controller(state, clock)
+        await _controller(state, clock, stop_rule, mark)
         drain_ns = clock()
         source.close()
         for task in tasks:
@@ -306,8 +373,10 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
         await asyncio.gather(*tasks, return_exceptions=True)
 
     w0 = state.window_start_ns if state.window_start_ns is not None else drain_ns
+    w1 = state.window_end_ns if state.window_end_ns is not None else drain_ns
     wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9 if state.prompts_taken else None
-    return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, drain_ns, state.aborted, state.abort, wait_s)
+    return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, w1, state.aborted, state.abort, wait_s,
+                   state.undecided_at_cap)
 
 
 def _failed_before_send(isl: int, osl: int, error: str, clock: Callable[[], int]) -> RequestRecord:
@@ -330,7 +399,7 @@ def _start_closed_loop(state: _RunState, send_next) -> list[asyncio.Task]:
             if first_done[slot] is None:
                 first_done[slot] = rec.end_ns
                 if all(t is not None for t in first_done):
-                    state.window_start_ns = max(first_done)  # type: ignore[type-var]
+                    state.open_window(max(first_done))  # type: ignore[type-var]
             if rec.error == CANCELLED:
                 return
 
@@ -351,7 +420,7 @@ async def _open_loop(state: _RunState, send_next, seed: int, clock) -> None:
             rec = await send_next()
         state.add(rec)
         if state.window_start_ns is None and rec.ok:
-            state.window_start_ns = rec.end_ns
+            state.open_window(rec.end_ns)
 
     next_ns = clock()
     try:

@@ -9,21 +9,39 @@ which is exact where the samples are not) times the window's length.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from math import inf
 
 import aiohttp
 
-from pricing.load.client import ClientConfig, LoadRun, OnRecord, ProbePlan, drive_load
+from pricing.load.client import (
+    ClientConfig,
+    LoadRun,
+    OnRecord,
+    ProbePlan,
+    StopRule,
+    WindowMark,
+    drive_load,
+)
 from pricing.load.event_loop import paused_gc
+from pricing.measure.requests import RequestTable, cohort, table_from_records
+from pricing.measure.slo import outcome
 from pricing.measure.telemetry import (
     GpuEnergyMeter,
     GpuSample,
     ProbeTelemetry,
     TelemetryResult,
 )
-from pricing.measure.window import window_stats
-from pricing.schema import AbortKind, EnergyStats, LoadSpec, RequestRecord, WindowStats
+from pricing.measure.window import latency_at, window_stats
+from pricing.schema import (
+    AbortKind,
+    EnergyStats,
+    LoadSpec,
+    RequestRecord,
+    SloTier,
+    WindowStats,
+)
 
 # Requests may spend this share of their time (wait + end-to-end) waiting for their prompts
 # before the probe says so.
@@ -41,6 +59,8 @@ class ProbeResult:
     energy: EnergyStats | None = None  # filled by measured_probe when a GPU is metered
     server_metrics: dict[str, float] | None = None
     warnings: list[str] = field(default_factory=list)  # the measurement's own shortcomings
+    table: RequestTable | None = None  # the per-request records, compact
+    undecided_at_cap: bool = False
 
 
 def _prompt_wait_warning(wait_s: float | None, mean_e2e_s: float | None) -> str | None:
@@ -55,12 +75,39 @@ def _prompt_wait_warning(wait_s: float | None, mean_e2e_s: float | None) -> str 
             "the load was lower than asked; send token ids (--prompt-format token_ids) or give the client more cores")
 
 
-def measure_run(run: LoadRun) -> ProbeResult:
+def decided_rule(tiers: Sequence[SloTier]) -> StopRule:
+    """Decided once every tier's TTFT and TPOT verdicts are (the cohort of the requests finished
+    so far: an early look, biased to short requests, that only decides when to stop)."""
+
+    def decided(records: Sequence[RequestRecord], window_start_ns: int, now_ns: int) -> bool:
+        sample = cohort(table_from_records(records, window_start_ns, now_ns))
+        for tier in tiers:
+            verdicts = [outcome(*latency_at(values, tier.percentile), limit)
+                        for values, limit in ((sample.ttft_s, tier.ttft_s), (sample.tpot_s, tier.tpot_s))]
+            if "fail" not in verdicts and "undecided" in verdicts:
+                return False
+        return True
+
+    return decided
+
+
+def sent_lengths(load: LoadSpec, lengths: tuple[float, float] | None) -> tuple[float, float] | None:
+    """Mean (ISL, OSL) asked per request: the profile's, with one output token for prefill probes."""
+    if lengths is None:
+        return None
+    return (lengths[0], 1.0) if load.kind == "prefill" else lengths
+
+
+def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None) -> ProbeResult:
     """The window statistics of what the client recorded."""
-    stats = window_stats(run.records, run.window_start_ns, run.window_end_ns)
-    warning = _prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean)
+    table = table_from_records(run.records, run.window_start_ns, run.window_end_ns)
+    stats = window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table)
+    warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
+    if run.undecided_at_cap:
+        warnings.append("the window reached --max-probe-s with a tier's verdict still undecided (its interval "
+                        "straddles the limit)")
     return ProbeResult(run.records, run.window_start_ns, run.window_end_ns, stats, run.aborted, run.abort,
-                       warnings=[warning] if warning else [])
+                       warnings=warnings, table=table, undecided_at_cap=run.undecided_at_cap)
 
 
 async def run_probe(
@@ -70,10 +117,31 @@ async def run_probe(
     plan: ProbePlan | None = None,
     on_record: OnRecord | None = None,
     clock: Callable[[], int] = time.perf_counter_ns,
+    tiers: Sequence[SloTier] = (),
+    lengths: tuple[float, float] | None = None,
+    mark: WindowMark | None = None,
 ) -> ProbeResult:
-    """Drive one load level until its steady-state window is full (load.client.drive_load), then
-    reduce the records to the window's statistics."""
-    return measure_run(await drive_load(cfg, load, pairs, plan, on_record, clock))
+    """Drive one load level (load.client.drive_load) until its window is full and, for decode
+    probes, every tier's verdict decided; then reduce the records to the window's statistics.
+    `lengths`: the profile's mean (ISL, OSL) per request, from which the request rate follows."""
+    rule = decided_rule(tiers) if tiers and load.kind == "decode" else None
+    run = await drive_load(cfg, load, pairs, plan, on_record, clock, stop_rule=rule, mark=mark)
+    return measure_run(run, sent_lengths(load, lengths))
+
+
+def server_ttft_warning(stats: WindowStats, server: dict[str, float] | None) -> str | None:
+    """Client and server TTFT p90 over the same window should meet within the server histogram's
+    bucket that holds its p90 (the client's interval overlapping it); say so when they do not."""
+    if not server or "server_ttft_window_p90_s" not in server or stats.ttft_s.p90 is None:
+        return None
+    low, high = server["server_ttft_window_p90_bucket_low_s"], server.get("server_ttft_window_p90_bucket_high_s", inf)
+    ci_low, ci_high = stats.ttft_s.p90_ci or (stats.ttft_s.p90, stats.ttft_s.p90)
+    if (ci_high is None or ci_high >= low) and (ci_low is None or ci_low <= high):
+        return None
+    return (f"client TTFT p90 {stats.ttft_s.p90 * 1e3:.4g} ms is outside the server histogram's bucket "
+            f"{low * 1e3:g}-{high * 1e3:g} ms that holds the server's p90 ({server['server_ttft_window_p90_s'] * 1e3:.4g} ms) "
+            "over the same window: time is spent between the socket and the engine (tokenizing, queueing in the "
+            "API server, the network) or the client is overloaded")
 
 
 def _power_series(samples: list[GpuSample]) -> list[tuple[float, float]]:
@@ -109,16 +177,23 @@ async def measured_probe(
     plan: ProbePlan,
     meter: GpuEnergyMeter | None,
     on_record: OnRecord | None = None,
+    tiers: Sequence[SloTier] = (),
+    lengths: tuple[float, float] | None = None,
 ) -> ProbeResult:
+    """`run_probe` with GPU energy and the server's /metrics (scraped also as the window opens
+    and closes, to cross-check TTFT over the same window)."""
     async with aiohttp.ClientSession() as session:
         telemetry = ProbeTelemetry(session, cfg.base_url, meter)
         t0_ns = time.perf_counter_ns()
         await telemetry.start()
         try:
             with paused_gc():
-                result = await run_probe(cfg, load, pairs, plan, on_record=on_record)
+                result = await run_probe(cfg, load, pairs, plan, on_record=on_record, tiers=tiers, lengths=lengths,
+                                         mark=telemetry.mark)
         finally:
             tele = await telemetry.stop()
     result.server_metrics = tele.server_metrics
     result.energy = window_energy(tele, t0_ns, result.window_start_ns, result.window_end_ns)
+    if (warning := server_ttft_warning(result.stats, tele.server_metrics)) is not None:
+        result.warnings.append(warning)
     return result

@@ -138,6 +138,34 @@ def histogram_quantile(q: float, hist: Histogram) -> float | None:
     return max(finite) if finite else None
 
 
+def bucket_of(value: float, hist: Histogram) -> tuple[float, float]:
+    """The histogram bucket (lower, upper bound) that holds `value`."""
+    lower = 0.0
+    for le in hist.buckets:
+        if value <= le:
+            return lower, le
+        lower = le
+    return lower, math.inf
+
+
+def summarize_window(opened: MetricsSnapshot, closed: MetricsSnapshot, percentile: float = 90) -> dict[str, float]:
+    """The server's TTFT between the window's opening and closing scrapes: its p-th percentile
+    and the bucket holding it (interpolated quantiles are only known to within their bucket)."""
+    name = _first_present(HISTOGRAMS[0][1], set(closed.histograms))
+    if name is None:
+        return {}
+    delta = histogram_delta(opened.histograms.get(name), closed.histograms[name])
+    value = histogram_quantile(percentile / 100.0, delta)
+    if value is None:
+        return {}
+    low, high = bucket_of(value, delta)
+    key = f"server_ttft_window_p{percentile:g}"
+    out = {f"{key}_s": value, "server_ttft_window_count": delta.count, f"{key}_bucket_low_s": low}
+    if math.isfinite(high):
+        out[f"{key}_bucket_high_s"] = high
+    return out
+
+
 def _first_present(names: Sequence[str], available: set[str]) -> str | None:
     return next((n for n in names if n in available), None)
 
@@ -215,6 +243,12 @@ class ServerMetricsProbe:
         self._before: MetricsSnapshot | None = None
         self._during: list[MetricsSnapshot] = []
         self._task: asyncio.Task[None] | None = None
+        self._marks: dict[str, asyncio.Task[MetricsSnapshot | None]] = {}
+
+    def mark(self, label: str) -> None:
+        """Scrape now, without waiting (e.g. when the probe's window opens or closes)."""
+        if self._before is not None:
+            self._marks[label] = asyncio.create_task(scrape(self._session, self.metrics_url))
 
     async def _poll(self) -> None:
         while True:
@@ -240,10 +274,15 @@ class ServerMetricsProbe:
         if self._before is None:
             return None
         after = await scrape(self._session, self.metrics_url)
+        marks = {label: await task for label, task in self._marks.items()}
+        self._marks = {}
         if after is None:
             return None
         try:
-            return summarize_probe(self._before, after, self._during)
+            window = {}
+            if marks.get("open") is not None and marks.get("close") is not None:
+                window = summarize_window(marks["open"], marks["close"])  # type: ignore[arg-type]
+            return {**summarize_probe(self._before, after, self._during), **window}
         except Exception as exc:  # noqa: BLE001 - telemetry must not sink a probe
             log.warning("summarizing %s failed (%s); server metrics dropped", self.metrics_url, exc)
             return None

@@ -105,6 +105,10 @@ class ProbeTelemetry:
                 log.warning("GPU energy window did not start (%s); energy not measured", exc)
         await self._metrics.start()
 
+    def mark(self, label: str, _at_ns: int = 0) -> None:
+        """A scrape of the server's /metrics now (the probe's window opens or closes)."""
+        self._metrics.mark(label)
+
     async def stop(self) -> TelemetryResult:
         window: EnergyWindow | None = None
         if self.meter is not None and self._metering:

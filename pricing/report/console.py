@@ -8,19 +8,57 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from pricing.capacity.curve import Capacity
 from pricing.cost.price_rows import PriceRow, PricingParams
 from pricing.schema import SloTier
 from pricing.units import fmt_ms, fmt_s, fmt_usd
+
+
+def price_text(value: float | None, low: float | None, high: float | None, row: PriceRow) -> str:
+    """A price with its interval ('$0.078 ± 3%'); an upper bound where the capacity is a lower bound."""
+    if value is None:
+        return "-"
+    if row.source == "seed":
+        return fmt_usd(value)
+    if row.capacity_lower_bound:
+        return f"≤ {fmt_usd(value)}"
+    return f"{fmt_usd(value)} {plus_minus(value, low, high)}"
+
+
+def plus_minus(value: float, low: float | None, high: float | None) -> str:
+    """'± 3%' for a 95% interval around value (the larger side), '± ?' when unbounded."""
+    if low is None or high is None or value <= 0:
+        return "± ?"
+    return f"± {max(high - value, value - low) / value:.0%}"
+
+
+def describe_capacity(cap: Capacity, mode: str) -> str:
+    """One capacity for people: its request rate with the interval, and the load it was found at."""
+    if cap.probes == 0:
+        return "not measured"
+    if cap.kind == "none":
+        return f"none: violated already at the lowest load tried ({cap.lowest_level:g})"
+    if cap.kind == "at_least":
+        return f"≥ {cap.rate_rps:.3g} req/s: never violated up to {'c=' if mode == 'closed' else ''}{cap.highest_level:g}"
+    load = f"c={cap.level:g}" if mode == "closed" else f"{cap.level:.3g} req/s offered"
+    return f"{cap.rate_rps:.3g} req/s {plus_minus(cap.rate_rps or 0, cap.rate_low, cap.rate_high)} ({load}, {cap.probes} probes)"
 
 
 def _cell(row: PriceRow) -> str:
     if not row.feasible:
         return f"[red]✗ {row.reason}[/red]"
     star = " [bold yellow]★ cheapest[/]" if row.cheapest else ""
-    lines = [f"in {fmt_usd(row.input_usd_per_mtok or 0)} · out {fmt_usd(row.output_usd_per_mtok or 0)} /1M{star}"]
+    lines = [f"in {price_text(row.input_usd_per_mtok, row.input_usd_per_mtok_low, row.input_usd_per_mtok_high, row)}"
+             f" · out {price_text(row.output_usd_per_mtok, row.output_usd_per_mtok_low, row.output_usd_per_mtok_high, row)}"
+             f" /1M{star}"]
     if row.capacity_rps is not None:
         at_least = "≥ " if row.capacity_lower_bound else ""
-        lines.append(f"{at_least}{row.capacity_rps:.3g} req/s · {row.capacity_output_tok_s or 0:,.0f} out tok/s")
+        interval = "" if row.capacity_lower_bound else " " + plus_minus(row.capacity_rps, row.capacity_rps_low,
+                                                                         row.capacity_rps_high)
+        lines.append(f"{at_least}{row.capacity_rps:.3g} req/s{interval} ({row.load_model} loop) · "
+                     f"{row.capacity_output_tok_s or 0:,.0f} out tok/s")
+        if row.open_over_closed is not None:
+            lines.append(f"open / closed loop {row.open_over_closed:.2f}")
     else:
         lines.append(f"{row.capacity_output_tok_s or 0:,.0f} out tok/s (batch {row.load_level:g})")
     if row.recovering is not None:
@@ -63,10 +101,12 @@ def render_matrix(rows: Sequence[PriceRow], params: PricingParams, console: Cons
     console.print(
         f"Definitions: split {split[params.split]}; utilization {params.utilization:g}; margin {params.margin:.0%}; "
         f"{rate}; replicas {params.replicas}. H = GPUs x rate (+ measured energy x $/kWh), "
-        "H_eff = H / utilization x (1 + margin); capacity = the highest decode request rate meeting the tier "
-        "(TTFT and TPOT at the tier's percentile, error rate); prices recover c = H_eff / (3600 x capacity) at the "
-        "capacity probe's tokens per request (token rates / request rate). ≥ = lower bound: no probe above it "
-        "failed the tier. ★ = cheapest config per tier (cost per request; seed files: output price).",
+        "H_eff = H / utilization x (1 + margin); capacity = the request rate where the tier's TTFT and TPOT (at its "
+        f"percentile) cross their limits, read from all probes as one monotone curve, under "
+        f"{'open-loop (Poisson) arrivals' if params.load_model == 'open' else 'a closed loop of fixed concurrency'}"
+        "; prices recover c = H_eff / (3600 x capacity) at the traffic's mean tokens per request. ± = 95% interval "
+        "(capacity and prefill rate); ≥ capacity / ≤ price: no probe up to the highest load tried violated the "
+        "tier. ★ = cheapest config per tier (cost per request; seed files: output price).",
         style="dim",
     )
 

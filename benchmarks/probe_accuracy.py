@@ -1,0 +1,111 @@
+"""Each probe's error against the exact truth of a simulated continuous-batching engine.
+
+    python benchmarks/probe_accuracy.py [--quick] [--repeats N]
+
+The mock server runs `pricing.testing.sim_engine` in real time; `pricing.testing.sim_truth` computes
+the same engine's steady state offline, on the same (ISL, OSL) pairs. For a fixed and a WildChat
+profile at several closed-loop concurrencies and one Poisson rate, every probe (default ProbePlan,
+the default tiers deciding its length) prints its error in output tok/s, input tok/s, req/s, TTFT
+p90 and TPOT p90, and whether its 95% intervals cover the truth. The last line reads
+`max flow error X% (input tok/s, output tok/s, req/s)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sim_setup import CACHE, ENGINE, TIERS, Traffic, fixed, wildchat  # noqa: E402
+
+from pricing.load import event_loop as aio  # noqa: E402
+from pricing.load.client import ClientConfig, ProbePlan  # noqa: E402
+from pricing.measure.probe import run_probe  # noqa: E402
+from pricing.schema import Ci, LoadSpec  # noqa: E402
+from pricing.testing.mock_server import MockConfig, MockServerProcess  # noqa: E402
+from pricing.testing.sim_truth import TruthPoint, closed_loop_truth, open_loop_truth  # noqa: E402
+
+
+def _covers(ci: Ci | None, truth: float) -> bool:
+    if ci is None:
+        return False
+    low, high = ci
+    return (low is None or low <= truth) and (high is None or truth <= high)
+
+
+def _err(measured: float | None, truth: float) -> float:
+    return (measured - truth) / truth if measured is not None and truth else float("nan")
+
+
+def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, offset: int, plan: ProbePlan) -> dict:
+    cfg = ClientConfig(base_url=url, model="mock-model", seed=offset)
+    t0 = time.perf_counter()
+    with aio.paused_gc():
+        result = aio.run(run_probe(cfg, load, traffic.cycle(offset), plan, tiers=TIERS, lengths=traffic.lengths))
+    s = result.stats
+    return {
+        "profile": traffic.name, "load": f"{load.mode} {load.level:g}", "wall_s": time.perf_counter() - t0,
+        "window_s": s.window_s, "ttft_n": s.ttft_s.count,
+        "out": _err(s.output_tok_s, truth.output_tok_s), "in": _err(s.input_tok_s, truth.input_tok_s),
+        "rps": _err(s.request_rate_rps, truth.request_rate_rps),
+        "in_measured": _err(s.measured_input_tok_s, truth.input_tok_s),
+        "ttft_p90": _err(s.ttft_s.p90, truth.ttft_s.p90), "tpot_p90": _err(s.tpot_s.p90, truth.tpot_s.p90),
+        "ttft_covered": _covers(s.ttft_s.p90_ci, truth.ttft_s.p90),
+        "tpot_covered": _covers(s.tpot_s.p90_ci, truth.tpot_s.p90),
+        "rps_covered": _covers(s.request_rate_rps_ci, truth.request_rate_rps),
+        "undecided_at_cap": result.undecided_at_cap,
+    }
+
+
+def _truth(traffic: Traffic, load: LoadSpec) -> TruthPoint:
+    if load.mode == "closed":
+        return closed_loop_truth(ENGINE, traffic.pairs, load.concurrency, cache_dir=CACHE)
+    return open_loop_truth(ENGINE, traffic.pairs, load.request_rate_rps, seed=0, cache_dir=CACHE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="WildChat lengths / 8, fewer loads and repeats (< 5 min)")
+    p.add_argument("--repeats", type=int, help="probes per load (default 2 quick, 4 full)")
+    p.add_argument("--json", help="write every probe's errors here")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 4)
+    concurrencies = (4, 24) if args.quick else (4, 16, 64)
+    plan = ProbePlan(max_duration_s=60 if args.quick else 300)
+    rows = []
+    print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}"
+          f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s)", flush=True)
+    for traffic in (fixed(args.quick), wildchat(args.quick)):
+        saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
+        loads = [LoadSpec(mode="closed", concurrency=c) for c in concurrencies]
+        loads.append(LoadSpec(mode="open", request_rate_rps=round(0.6 * saturation, 3)))
+        with MockServerProcess(MockConfig(engine=ENGINE)) as mock:
+            for load in loads:
+                truth = _truth(traffic, load)
+                for r in range(repeats):
+                    row = one_probe(mock.url, traffic, load, truth, offset=1000 * len(rows) + 7 * r, plan=plan)
+                    rows.append(row)
+                    covered = ", ".join("y" if row[k] else "n" for k in ("ttft_covered", "tpot_covered", "rps_covered"))
+                    print(f"{row['profile']:<14}{row['load']:<14}{row['window_s']:>7.1f}s{row['ttft_n']:>7}"
+                          f"{row['out']:>+8.1%}{row['in']:>+8.1%}{row['rps']:>+8.1%}{row['in_measured']:>+9.1%}"
+                          f"{row['ttft_p90']:>+10.1%}{row['tpot_p90']:>+10.1%}  {covered}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    n = len(rows)
+    for key, label in (("ttft_covered", "TTFT p90"), ("tpot_covered", "TPOT p90"), ("rps_covered", "req/s")):
+        print(f"95% interval of {label} covers the truth in {sum(r[key] for r in rows)}/{n} probes")
+    worst = {k: max(abs(r[k]) for r in rows) for k in ("in", "out", "rps", "ttft_p90", "tpot_p90", "in_measured")}
+    print(f"max latency error: TTFT p90 {worst['ttft_p90']:.1%}, TPOT p90 {worst['tpot_p90']:.1%}; "
+          f"measured input flow (prompts of first tokens in the window) {worst['in_measured']:.1%}; "
+          f"median probe {sorted(r['wall_s'] for r in rows)[n // 2]:.0f} s")
+    print(f"max flow error {max(worst['in'], worst['out'], worst['rps']):.1%} (input tok/s {worst['in']:.1%}, "
+          f"output tok/s {worst['out']:.1%}, req/s {worst['rps']:.1%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Per-request records of a probe, compact and columnar: each request's clocks relative to the
+window's opening (µs), its lengths and its error. Latency samples are computed from this table
+both when a probe is measured and when a result file is priced again later, so a new tier or
+percentile needs no new run. The tables of a results file live beside it, one JSON line per probe.
+
+The latency sample is the window's cohort: every request whose first token arrived in the
+window, followed to its end (the load runs on after the window until they finish). Choosing by
+first-token time does not favour short requests, as "started and ended inside" does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from pricing.schema import CANCELLED, RequestRecord, Strict
+
+NONE = -1  # a missing clock, token count or error in a column
+US = 1_000  # ns per µs
+
+
+class RequestTable(Strict):
+    """One probe's requests, one column per field; times in µs from the window's opening."""
+
+    run_id: str
+    probe_index: int
+    window_us: int  # the window closes here; later rows are its tail
+    start_us: list[int]
+    first_us: list[int]  # first output chunk (NONE: no output)
+    last_us: list[int]  # last output chunk
+    end_us: list[int]
+    chunks: list[int]  # output chunks received
+    out_tokens: list[int]  # the server's usage (NONE: cut or failed before it came)
+    in_tokens: list[int]  # the server's usage, else the length asked for
+    error: list[int]  # index into error_kinds, NONE when the request succeeded
+    error_kinds: list[str] = Field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.start_us)
+
+
+def table_from_records(records: Sequence[RequestRecord], window_start_ns: int, window_end_ns: int,
+                       run_id: str = "", probe_index: int = 0) -> RequestTable:
+    kinds: list[str] = []
+
+    def rel(ns: int) -> int:
+        return (ns - window_start_ns) // US
+
+    def error(rec: RequestRecord) -> int:
+        if rec.error is None:
+            return NONE
+        if rec.error not in kinds:
+            kinds.append(rec.error)
+        return kinds.index(rec.error)
+
+    return RequestTable(
+        run_id=run_id, probe_index=probe_index, window_us=rel(window_end_ns),
+        start_us=[rel(r.start_ns) for r in records],
+        first_us=[rel(r.chunk_ns[0]) if r.chunk_ns else NONE for r in records],
+        last_us=[rel(r.chunk_ns[-1]) if r.chunk_ns else NONE for r in records],
+        end_us=[rel(r.end_ns) for r in records],
+        chunks=[len(r.chunk_ns) for r in records],
+        out_tokens=[r.completion_tokens if r.completion_tokens is not None else NONE for r in records],
+        in_tokens=[r.prompt_tokens if r.prompt_tokens is not None else r.target_input_tokens for r in records],
+        error=[error(r) for r in records],
+        error_kinds=kinds,
+    )
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The latency sample of one window, each array in the order of first-token arrival."""
+
+    ttft_s: np.ndarray
+    tpot_s: np.ndarray
+    e2e_s: np.ndarray
+    in_tokens: np.ndarray  # of every cohort request (the measured input flow)
+    failed: int  # errors among requests started in the window (cancellations are not errors)
+    issued: int  # requests started in the window that ended, ok or failed
+    errors_by_kind: dict[str, int]
+
+
+def cohort(table: RequestTable) -> Cohort:
+    """TTFT of every request whose first token came in the window; TPOT of those with two or more
+    chunks, over their whole life, or over what arrived before the probe's end for the few the
+    tail's cap cut (their token count is estimated from the probe's tokens per chunk)."""
+    a = {name: np.asarray(getattr(table, name), dtype=np.int64)
+         for name in ("start_us", "first_us", "last_us", "end_us", "chunks", "out_tokens", "in_tokens", "error")}
+    cancelled = table.error_kinds.index(CANCELLED) if CANCELLED in table.error_kinds else -2
+    ok, cut = a["error"] == NONE, a["error"] == cancelled
+    has_first = a["first_us"] != NONE
+    members = (ok | cut) & has_first & (a["first_us"] >= 0) & (a["first_us"] <= table.window_us)
+    order = np.argsort(a["first_us"][members], kind="stable")
+    pick = {name: col[members][order] for name, col in a.items()}
+    known = ok & (a["out_tokens"] != NONE)
+    per_chunk = a["out_tokens"][known].sum() / a["chunks"][known].sum() if a["chunks"][known].sum() else 1.0
+    tokens = np.where(pick["out_tokens"] != NONE, pick["out_tokens"], pick["chunks"] * per_chunk)
+    span = (pick["last_us"] - pick["first_us"]) / 1e6
+    # A token per chunk is the usual stream; where chunks carry several tokens, usage counts them.
+    steps = np.where(pick["out_tokens"] != NONE, tokens - 1, (pick["chunks"] - 1) * per_chunk)
+    timed = (pick["chunks"] >= 2) & (steps > 0)
+    finished = pick["error"] == NONE
+    started_in = (a["start_us"] >= 0) & (a["start_us"] <= table.window_us)
+    failed_mask = started_in & ~ok & ~cut
+    kinds = np.asarray(table.error_kinds + [""])[a["error"][failed_mask]] if failed_mask.any() else []
+    by_kind: dict[str, int] = {}
+    for kind in kinds:
+        by_kind[str(kind)] = by_kind.get(str(kind), 0) + 1
+    return Cohort(
+        ttft_s=(pick["first_us"] - pick["start_us"]) / 1e6,
+        tpot_s=span[timed] / steps[timed],
+        e2e_s=((pick["end_us"] - pick["start_us"]) / 1e6)[finished],
+        in_tokens=pick["in_tokens"],
+        failed=int(failed_mask.sum()),
+        issued=int((started_in & (ok | failed_mask)).sum()),
+        errors_by_kind=by_kind,
+    )
+
+
+# ------------------------------------------------------------------------------------ files
+def requests_path(results_file: Path) -> Path:
+    """Where the per-request tables of a results file live: `<stem>.requests.jsonl` beside it."""
+    return results_file.with_name(f"{results_file.stem}.requests.jsonl")
