@@ -4,7 +4,8 @@
 
 The mock server runs `pricing.testing.sim_engine` in real time; `pricing.testing.sim_truth` computes
 the same engine's steady state offline, on the same (ISL, OSL) pairs. For a fixed and a WildChat
-profile at several closed-loop concurrencies and one Poisson rate, every probe (default ProbePlan,
+profile at several closed-loop concurrencies (clients think 50 ms between requests: see
+sim_setup.THINK_S) and one Poisson rate, every probe (default ProbePlan,
 the default tiers deciding its length) prints its error in output tok/s, input tok/s, req/s, TTFT
 p90 and TPOT p90, and whether its 95% intervals cover the truth. The last line reads
 `max flow error X% (input tok/s, output tok/s, req/s)`.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_setup import CACHE, ENGINE, TIERS, Traffic, fixed, wildchat  # noqa: E402
+from sim_setup import CACHE, ENGINE, THINK_S, TIERS, Traffic, fixed, probe_plan, wildchat  # noqa: E402
 
 from pricing.load import event_loop as aio  # noqa: E402
 from pricing.load.client import ClientConfig, ProbePlan  # noqa: E402
@@ -41,29 +42,39 @@ def _err(measured: float | None, truth: float) -> float:
     return (measured - truth) / truth if measured is not None and truth else float("nan")
 
 
+def exact_flows(traffic: Traffic, load: LoadSpec, truth: TruthPoint) -> tuple[float, float, float]:
+    """(req/s, input tok/s, output tok/s) in the long run. A stable open loop serves its offered
+    rate exactly (the simulated span's own count is a sample of it); a closed loop's are the truth's."""
+    if load.mode == "open" and truth.stable:
+        isl, osl = (sum(x) / len(traffic.pairs) for x in zip(*traffic.pairs))
+        rate = load.request_rate_rps or 0.0
+        return rate, rate * isl, rate * osl
+    return truth.request_rate_rps, truth.input_tok_s, truth.output_tok_s
+
+
 def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, offset: int, plan: ProbePlan) -> dict:
     cfg = ClientConfig(base_url=url, model="mock-model", seed=offset)
     t0 = time.perf_counter()
     with aio.paused_gc():
         result = aio.run(run_probe(cfg, load, traffic.cycle(offset), plan, tiers=TIERS, lengths=traffic.lengths))
     s = result.stats
+    rps, in_tok_s, out_tok_s = exact_flows(traffic, load, truth)
     return {
         "profile": traffic.name, "load": f"{load.mode} {load.level:g}", "wall_s": time.perf_counter() - t0,
         "window_s": s.window_s, "ttft_n": s.ttft_s.count,
-        "out": _err(s.output_tok_s, truth.output_tok_s), "in": _err(s.input_tok_s, truth.input_tok_s),
-        "rps": _err(s.request_rate_rps, truth.request_rate_rps),
-        "in_measured": _err(s.measured_input_tok_s, truth.input_tok_s),
+        "out": _err(s.output_tok_s, out_tok_s), "in": _err(s.input_tok_s, in_tok_s), "rps": _err(s.request_rate_rps, rps),
+        "in_measured": _err(s.measured_input_tok_s, in_tok_s),
         "ttft_p90": _err(s.ttft_s.p90, truth.ttft_s.p90), "tpot_p90": _err(s.tpot_s.p90, truth.tpot_s.p90),
         "ttft_covered": _covers(s.ttft_s.p90_ci, truth.ttft_s.p90),
         "tpot_covered": _covers(s.tpot_s.p90_ci, truth.tpot_s.p90),
-        "rps_covered": _covers(s.request_rate_rps_ci, truth.request_rate_rps),
+        "rps_covered": _covers(s.request_rate_rps_ci, rps),
         "undecided_at_cap": result.undecided_at_cap,
     }
 
 
 def _truth(traffic: Traffic, load: LoadSpec) -> TruthPoint:
     if load.mode == "closed":
-        return closed_loop_truth(ENGINE, traffic.pairs, load.concurrency, cache_dir=CACHE)
+        return closed_loop_truth(ENGINE, traffic.pairs, load.concurrency, think_s=load.think_s, cache_dir=CACHE)
     return open_loop_truth(ENGINE, traffic.pairs, load.request_rate_rps, seed=0, cache_dir=CACHE)
 
 
@@ -75,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 4)
     concurrencies = (4, 24) if args.quick else (4, 16, 64)
-    plan = ProbePlan(max_duration_s=60 if args.quick else 300)
+    plan = probe_plan(args.quick)
     rows = []
     print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}"
           f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s)", flush=True)
     for traffic in (fixed(args.quick), wildchat(args.quick)):
         saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
-        loads = [LoadSpec(mode="closed", concurrency=c) for c in concurrencies]
+        loads = [LoadSpec(mode="closed", concurrency=c, think_s=THINK_S) for c in concurrencies]
         loads.append(LoadSpec(mode="open", request_rate_rps=round(0.6 * saturation, 3)))
         with MockServerProcess(MockConfig(engine=ENGINE)) as mock:
             for load in loads:

@@ -5,7 +5,8 @@
 For a fixed and a WildChat profile over several seeds, the default sweep (bench's defaults:
 ProbePlan, SearchParams, 10 decode probes) runs against the mock serving `sim_engine` in real
 time, and each default tier's capacity (request rate) is compared with `sim_truth`'s: closed
-loop (`--mode closed`: the highest whole concurrency meeting the tier) or Poisson arrivals
+loop (`--mode closed`: the highest whole concurrency meeting the tier; clients think 50 ms between
+requests, sim_setup.THINK_S says why) or Poisson arrivals
 (`--mode open`: the closed-loop search, then the open-loop step; the highest rate meeting it).
 Per tier it prints the error, whether the 95% interval covers the truth, and the probes and
 wall time used. The last line reads `max tier error X% in N probes` (N: the median over runs of
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_setup import CACHE, ENGINE, TIERS, Traffic, fixed, wildchat  # noqa: E402
+from sim_setup import CACHE, ENGINE, THINK_S, TIERS, Traffic, fixed, probe_plan, wildchat  # noqa: E402
 
 from pricing.capacity.search import SearchParams  # noqa: E402
 from pricing.capacity.sweep import SweepSpec, run_sweep  # noqa: E402
@@ -36,11 +37,10 @@ from pricing.testing.mock_server import MockConfig, MockServerProcess  # noqa: E
 from pricing.testing.sim_truth import capacity_truth  # noqa: E402
 
 
-def one_sweep(traffic: Traffic, seed: int, mode: str, out: Path) -> tuple[dict, float]:
-    plan = ProbePlan()
+def one_sweep(traffic: Traffic, seed: int, mode: str, out: Path, plan: ProbePlan) -> tuple[dict, float]:
     spec = SweepSpec(config=DeploymentConfig(model="sim-engine", gpu_name="cpu"), profile=traffic.summary,
                      tiers=list(TIERS), search=SearchParams(max_level=1024), plan=plan, prefill_probes=False,
-                     open_loop=mode == "open", run_id=f"seed{seed}")
+                     open_loop=mode == "open", think_s=THINK_S, run_id=f"seed{seed}")
     with MockServerProcess(MockConfig(engine=ENGINE)) as mock:
         offset = iter(range(10**6))
 
@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'profile':<14}{'seed':>5}  {'tier':<9}{'truth':>16}{'found':>22}{'error':>8}  covered", flush=True)
     for traffic in traffics:
         truths = {t.name: capacity_truth(ENGINE, traffic.pairs, t.ttft_s, t.tpot_s, t.percentile, mode=args.mode,
-                                         cache_dir=CACHE) for t in TIERS}
+                                         think_s=THINK_S, cache_dir=CACHE) for t in TIERS}
         for seed in range(seeds):
             with tempfile.TemporaryDirectory() as tmp:
-                outcome, wall = one_sweep(traffic, seed, args.mode, Path(tmp) / "sweep.jsonl")
+                outcome, wall = one_sweep(traffic, seed, args.mode, Path(tmp) / "sweep.jsonl", probe_plan(args.quick))
             found = outcome.open if args.mode == "open" else outcome.closed
             for tier in TIERS:
                 truth, cap = truths[tier.name], found[tier.name]
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             used = outcome.open_probes_run if args.mode == "open" else outcome.probes_run
             probes.append(used)
             walls.append(wall)
-            print(f"{traffic.name:<14}{seed:>5}  {used} {args.mode}-loop decode probes"
+            order = [f"{r.load.level:.3g}" for r in outcome.records if r.load.kind == "decode"]
+            print(f"{traffic.name:<14}{seed:>5}  {used} {args.mode}-loop decode probes ({', '.join(order)})"
                   + (f" after {outcome.probes_run} closed-loop ones" if args.mode == "open" else "")
                   + f", {wall / 60:.1f} min" + (f"; stopped: {outcome.stopped}" if outcome.stopped else ""), flush=True)
     print(f"median wall time per sweep {statistics.median(walls) / 60:.1f} min over {len(walls)} sweep(s)")

@@ -2,7 +2,8 @@
 (ISL, OSL) pairs go to the mock and to the offline truth), and the default tiers.
 
 `--quick` shortens the work, not the method: WildChat lengths are divided by 8 (the shape of the
-heavy tail stays, requests end 8x sooner), so a probe's warm-up, window and tail take seconds.
+heavy tail stays, requests end 8x sooner) and a window lasts at least 5 s instead of 10 s, so a
+probe's warm-up, window and tail take seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+from pricing.load.client import ProbePlan
 from pricing.schema import DEFAULT_TIERS, ProfileSummary
 from pricing.testing.sim_engine import EngineModel
 from pricing.workload.profile import DEFAULT_PROFILE, fixed_profile, load_profile
@@ -20,6 +22,17 @@ MAX_MODEL_LEN = 4096
 POOL = 50_000
 ENGINE = EngineModel()
 TIERS = DEFAULT_TIERS
+# Closed loops in these benchmarks give each client an exponential think time of this mean. With
+# none, clients send at the engine's step boundaries and the client's own turnaround (2-3 ms at 4
+# streams, ~10 ms for 24 in lockstep on 2 cores) decides which step a request joins, which no
+# offline truth can know (sim_truth.closed_loop_truth); a think time spreads arrivals over the
+# steps in the truth and in the real run alike.
+THINK_S = 0.05
+
+
+def probe_plan(quick: bool) -> ProbePlan:
+    """bench's default plan; --quick only halves the shortest window."""
+    return ProbePlan(min_window_s=5.0) if quick else ProbePlan()
 
 
 @dataclass(frozen=True)

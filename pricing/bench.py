@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-window-s", type=float, default=10.0, help="shortest steady-state window per probe")
     p.add_argument("--window-e2e", type=float, default=2.0, help="a window lasts at least this many times the "
                    "p90 end-to-end latency of the probe's warm-up requests")
-    p.add_argument("--min-requests", type=int, default=20, help="completed requests per probe window")
+    p.add_argument("--min-requests", type=int, default=50, help="completed requests per probe window (50: the "
+                   "fewest whose p90 has a 95%% upper bound)")
     p.add_argument("--max-probe-s", type=float, default=300.0, help="a probe whose window has not filled by then "
                    "fails; one that is still undecided then stops undecided")
     p.add_argument("--start", type=float, default=1.0, help="first load level")

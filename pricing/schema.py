@@ -128,6 +128,8 @@ class WindowStats(Frozen):
     output_tok_s_ci: Ci | None = None
     measured_input_tok_s: float | None = None  # prompt tokens of requests whose first token came in the window
     lengths_mean: tuple[float, float] | None = None  # (ISL, OSL) per request the rates are derived with
+    # flow: the output flow over lengths_mean; offered: an open loop's rate, the flow keeping up with it
+    rate_source: Literal["flow", "offered"] | None = None
 
     @property
     def error_rate(self) -> float:
@@ -191,6 +193,7 @@ class LoadSpec(Frozen):
     concurrency: int | None = Field(default=None, ge=1)  # closed loop; cap on in-flight for open loop
     request_rate_rps: float | None = Field(default=None, gt=0)  # open loop
     burstiness: float = Field(default=1.0, gt=0)  # gamma shape; 1.0 = Poisson
+    think_s: float = Field(default=0.0, ge=0)  # closed loop: mean pause before a client's next request (gamma, load.client)
     kind: Literal["decode", "prefill"] = "decode"  # prefill: max_tokens=1, for the price split
     prompts: PromptKind = "token_ids"
 
@@ -283,6 +286,11 @@ class ProbeRecord(BaseModel):
 
     @property
     def workload(self) -> str:
-        """The profile, and how prompts were sent unless as token ids: probes are compared and
-        priced only within one workload."""
-        return self.profile.name if self.load.prompts == "token_ids" else f"{self.profile.name} ({self.load.prompts})"
+        """The profile, how prompts were sent unless as token ids, and a closed loop's think time
+        or an open loop's burstiness unless none: probes are compared and priced only within one."""
+        extras = [self.load.prompts] if self.load.prompts != "token_ids" else []
+        if self.load.mode == "closed" and self.load.think_s > 0:
+            extras.append(f"think {self.load.think_s:g} s")
+        if self.load.mode == "open" and self.load.burstiness != 1.0:
+            extras.append(f"burstiness {self.load.burstiness:g}")
+        return f"{self.profile.name} ({', '.join(extras)})" if extras else self.profile.name

@@ -82,7 +82,8 @@ def test_violated_at_the_lowest_load_steps_down_then_gives_up():
     cap, points = search(0.5, SearchParams())
     assert cap.kind == "none" and [p.level for p in points] == [1]
     cap, points = search(3.2, SearchParams(start=16))
-    assert [p.level for p in points][:3] == [16, 4, 1] and cap.level == 3
+    # Down from 16 by how far it is over the limit, not by a fixed factor.
+    assert points[0].level == 16 and points[1].level > 16 / 4 - 1 and cap.level == 3 and len(points) <= 5
 
 
 def test_one_noisy_probe_does_not_set_the_capacity():

@@ -13,7 +13,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pricing.capacity.choice import failure_reason, group_by_config, nearest_probe, pick_prefill, tier_capacity
+from pricing.capacity.choice import (
+    failure_reason,
+    group_by_config,
+    nearest_probe,
+    pick_prefill,
+    tier_capacity,
+)
 from pricing.capacity.curve import Capacity
 from pricing.cost.catalog import (
     PRICING_TIERS,

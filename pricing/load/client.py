@@ -57,15 +57,18 @@ class ProbePlan(Strict):
 
     The window lasts at least `min_window_s` and `window_e2e_multiple` times the p90 end-to-end
     latency of the warm-up requests (so heavy-tailed traffic gets enough samples without tuning),
-    holds `min_requests` completions, and then runs on, while the caller's stop rule says its
-    figures are undecided, up to `max_duration_s` for the whole probe. After the window closes
+    holds `min_requests` completions, and then runs on while the caller's stop rule says its
+    figures are undecided, to `max_extension` times that length (or `max_duration_s` for the
+    whole probe) at most. After the window closes
     the load goes on until the requests sent in it have finished (at most `tail_frac` of the
     window again), so their latencies are measured under the same load.
     """
 
     min_window_s: float = Field(default=10.0, ge=0)
     window_e2e_multiple: float = Field(default=2.0, ge=0)
-    min_requests: int = Field(default=20, ge=1)
+    max_extension: float = Field(default=3.0, ge=1)  # an undecided window runs to at most this many times its length
+    # 50 completions: the fewest whose p90 has an upper 95% bound at all (the 48th of 50 i.i.d.)
+    min_requests: int = Field(default=50, ge=1)
     max_duration_s: float = Field(default=300.0, gt=0)
     tail_frac: float = Field(default=0.5, ge=0)
     # Closed loop: worker i starts at i/N x ramp_up_s, so N identical requests do not arrive as one herd.
@@ -285,7 +288,8 @@ async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: Sto
             if filled and not decided and (now - last_rule_ns) / 1e9 >= STOP_RULE_EVERY_S:
                 last_rule_ns = now
                 decided = stop_rule(state.records, w0, now)  # type: ignore[arg-type,misc]
-            if decided or (filled and over_time):
+            extended_enough = filled and (now - w0) / 1e9 >= plan.max_extension * state.window_target_s  # type: ignore[operator]
+            if decided or (filled and (over_time or extended_enough)):
                 state.undecided_at_cap = not decided
                 state.window_end_ns, state.tail_pending = now, state.in_flight
                 window_s = (now - w0) / 1e9  # type: ignore[operator]
@@ -341,13 +345,13 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
 
         source = PromptSource(prompts, session, pairs, ahead=max(limit, 16))
 
-        async def send_next() -> RequestRecord:
+        async def send_next(osl_fraction: float = 1.0) -> RequestRecord:
             asked_ns = clock()
             isl, osl, prompt = await source.next()
             if state.window_start_ns is not None:
                 state.prompt_wait_ns += clock() - asked_ns
                 state.prompts_taken += 1
-            osl = 1 if load.kind == "prefill" else osl
+            osl = 1 if load.kind == "prefill" else max(1, round(osl * osl_fraction))
             if isinstance(prompt, aiohttp.ClientError):
                 return _failed_before_send(isl, osl, f"prompt_{type(prompt).__name__}", clock)
             if isinstance(prompt, Exception):
@@ -362,7 +366,7 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
                     state.tail_pending -= 1
 
         if load.mode == "closed":
-            tasks = _start_closed_loop(state, send_next)
+            tasks = _start_closed_loop(state, send_next, cfg.seed)
         else:
             tasks = [asyncio.create_task(_open_loop(state, send_next, cfg.seed, clock))]
         await _controller(state, clock, stop_rule, mark)
@@ -386,15 +390,30 @@ def _failed_before_send(isl: int, osl: int, error: str, clock: Callable[[], int]
     )
 
 
-def _start_closed_loop(state: _RunState, send_next) -> list[asyncio.Task]:
-    n = state.load.concurrency or 1
+# A think time is a fixed part plus an exponential one (mean think_s in all). The exponential part
+# breaks the lockstep a closed loop of equal requests falls into; the fixed part keeps it from
+# being near zero, where a client's own millisecond turnaround would decide which engine step a
+# request joins (the offline truth, sim_truth, draws think times the same way).
+THINK_FIXED_FRAC = 0.2
+
+
+def think_time_s(rng: np.random.Generator, mean_s: float) -> float:
+    return mean_s * (THINK_FIXED_FRAC + float(rng.exponential(1.0 - THINK_FIXED_FRAC)))
+
+
+def _start_closed_loop(state: _RunState, send_next, seed: int) -> list[asyncio.Task]:
+    n, think_s = state.load.concurrency or 1, state.load.think_s
     first_done: list[int | None] = [None] * n
 
     async def worker(slot: int) -> None:
+        rng = np.random.default_rng((seed, slot))
         if state.plan.ramp_up_s:
             await asyncio.sleep(state.plan.ramp_up_s * slot / n)
         while not state.stop.is_set():
-            rec = await send_next()
+            # Slot i's first request asks for (i+1)/N of its output: equal requests started together
+            # would otherwise run in lockstep for many rounds (all finish, all return, their prefills
+            # queue together), far from the steady state. First requests end before the window opens.
+            rec = await send_next((slot + 1) / n if first_done[slot] is None else 1.0)
             state.add(rec)
             if first_done[slot] is None:
                 first_done[slot] = rec.end_ns
@@ -402,6 +421,8 @@ def _start_closed_loop(state: _RunState, send_next) -> list[asyncio.Task]:
                     state.open_window(max(first_done))  # type: ignore[type-var]
             if rec.error == CANCELLED:
                 return
+            if think_s > 0:  # a user reading the answer before the next question
+                await asyncio.sleep(think_time_s(rng, think_s))
 
     return [asyncio.create_task(worker(i)) for i in range(n)]
 

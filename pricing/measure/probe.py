@@ -98,14 +98,36 @@ def sent_lengths(load: LoadSpec, lengths: tuple[float, float] | None) -> tuple[f
     return (lengths[0], 1.0) if load.kind == "prefill" else lengths
 
 
-def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None) -> ProbeResult:
+def offered_rate(stats: WindowStats, load: LoadSpec) -> WindowStats:
+    """An open loop the server keeps up with serves exactly the offered rate in the long run; the
+    window's flow only adds the noise of which arrivals happened to fall in it (a few percent in
+    a 20 s window). So where the flow's interval reaches the offered rate, the rates are the
+    offered rate's; below it, the server fell behind and the measured flow stands."""
+    offered = load.request_rate_rps
+    high = (stats.request_rate_rps_ci or (None, None))[1]
+    if load.mode != "open" or load.kind != "decode" or offered is None or stats.lengths_mean is None:
+        return stats
+    if high is not None and high < offered:
+        return stats
+    isl, osl = stats.lengths_mean
+    return stats.model_copy(update={
+        "request_rate_rps": offered, "request_rate_rps_ci": (offered, offered),
+        "input_tok_s": offered * isl, "input_tok_s_ci": (offered * isl, offered * isl),
+        "output_tok_s": offered * osl, "output_tok_s_ci": (offered * osl, offered * osl),
+        "rate_source": "offered"})
+
+
+def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: LoadSpec | None = None
+                ) -> ProbeResult:
     """The window statistics of what the client recorded."""
     table = table_from_records(run.records, run.window_start_ns, run.window_end_ns)
     stats = window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table)
+    if load is not None:
+        stats = offered_rate(stats, load)
     warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
     if run.undecided_at_cap:
-        warnings.append("the window reached --max-probe-s with a tier's verdict still undecided (its interval "
-                        "straddles the limit)")
+        warnings.append("the window ran its longest (ProbePlan.max_extension times its length, or --max-probe-s) "
+                        "with a tier's verdict still undecided: its interval straddles the limit")
     return ProbeResult(run.records, run.window_start_ns, run.window_end_ns, stats, run.aborted, run.abort,
                        warnings=warnings, table=table, undecided_at_cap=run.undecided_at_cap)
 
@@ -126,7 +148,7 @@ async def run_probe(
     `lengths`: the profile's mean (ISL, OSL) per request, from which the request rate follows."""
     rule = decided_rule(tiers) if tiers and load.kind == "decode" else None
     run = await drive_load(cfg, load, pairs, plan, on_record, clock, stop_rule=rule, mark=mark)
-    return measure_run(run, sent_lengths(load, lengths))
+    return measure_run(run, sent_lengths(load, lengths), load)
 
 
 def server_ttft_warning(stats: WindowStats, server: dict[str, float] | None) -> str | None:

@@ -166,4 +166,5 @@ def window_stats(records: Sequence[RequestRecord], window_start_ns: int, window_
         input_tok_s_ci=_ci((output_ci[0] * per_request * isl, output_ci[1] * per_request * isl)),
         measured_input_tok_s=float(sample.in_tokens.sum() / window_s),
         lengths_mean=(isl, osl),
+        rate_source="flow",
     )

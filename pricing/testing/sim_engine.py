@@ -29,11 +29,19 @@ from pydantic import Field, model_validator
 
 from pricing.schema import Frozen
 
+# A step is planned this long after it starts, and requests that arrived by then join it (vLLM's
+# loop, too, schedules what has reached it when it gets to schedule). A closed-loop client sends
+# its next request a fraction of a millisecond after its last token, so it joins the next step
+# as a zero-think-time client would; the truth, the replay and the mock all use this rule.
+ADMIT_S = 0.004
+
 
 class EngineModel(Frozen):
     """The engine's speed and limits: what one step costs and how much fits in it."""
 
-    step_base_s: float = Field(default=0.008, ge=0)  # weights read once per step: the decode floor
+    # weights read once per step: the decode floor; longer than ADMIT_S, or a step would be
+    # planned after its own end
+    step_base_s: float = Field(default=0.008, gt=ADMIT_S)
     step_per_seq_s: float = Field(default=0.0003, ge=0)  # per sequence in the batch (KV reads, sampling)
     step_per_prefill_token_s: float = Field(default=0.00001, ge=0)  # prompt tokens are compute-bound
     max_num_seqs: int = Field(default=128, ge=1)
@@ -208,15 +216,15 @@ class SimEngine:
 
 def replay(model: EngineModel, requests: Iterable[tuple[Hashable, float, int, int]]) -> dict[Hashable, list[float]]:
     """The engine's own timeline, step by step: each request's output token times (seconds, on the
-    arrivals' clock) for requests (id, arrival_s, isl, osl). A request arriving at or before a step
-    boundary joins that step; an idle engine starts a step at the next arrival."""
+    arrivals' clock) for requests (id, arrival_s, isl, osl). A request arriving up to ADMIT_S after a
+    step boundary joins that step; an idle engine starts a step at the next arrival."""
     todo = sorted(requests, key=lambda r: r[1])
     engine, times = SimEngine(model), {r[0]: [] for r in todo}
     t_s, i = float("-inf"), 0
     while i < len(todo) or not engine.idle:
         if engine.idle and t_s < todo[i][1]:
             t_s = todo[i][1]
-        while i < len(todo) and todo[i][1] <= t_s:
+        while i < len(todo) and todo[i][1] <= t_s + ADMIT_S:
             rid, arrival_s, isl, osl = todo[i]
             engine.add(rid, isl, osl, arrival_s)
             i += 1

@@ -21,6 +21,7 @@ default tiers), coarser than the bisection's 0.5%; closed-loop capacity (an inte
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -32,10 +33,11 @@ from typing import Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, Field
 
+from pricing.load.client import think_time_s
 from pricing.schema import Frozen, LatencyStats
-from pricing.testing.sim_engine import EngineModel, EngineStep, SimEngine
+from pricing.testing.sim_engine import ADMIT_S, EngineModel, EngineStep, SimEngine
 
-TRUTH_VERSION = 1  # part of every cache key: bump when a definition changes
+TRUTH_VERSION = 7  # part of every cache key: bump when a definition changes
 HORIZON_REQUESTS = 40_000
 WARMUP_FRAC = 0.1
 # Open loop: stable when the backlog grew by at most this share of the span's arrivals (a stable
@@ -50,6 +52,7 @@ class TruthPoint(Frozen):
 
     mode: Literal["closed", "open"]
     concurrency: int | None = None
+    think_s: float | None = None  # closed loop: mean think time between a client's requests
     offered_rate_rps: float | None = None
     burstiness: float | None = None
     stable: bool
@@ -177,19 +180,32 @@ def _new_run(model: EngineModel, pairs: Pairs, horizon_requests: int, warmup_fra
 
 
 def _simulate_closed(model: EngineModel, pairs: Pairs, concurrency: int, horizon_requests: int,
-                     warmup_frac: float) -> TruthPoint:
+                     warmup_frac: float, think_s: float = 0.0, seed: int = 0) -> TruthPoint:
     run = _new_run(model, pairs, horizon_requests, warmup_frac)
+    rng = np.random.default_rng(seed)
+    thinking: list[float] = []  # when each thinking client sends again (a heap)
     for _ in range(concurrency):
         run.issue(0.0)
-    while run.cohort_left:
+    while run.cohort_left or run.window[1] == math.inf:  # the cut is the horizon-th arrival
+        if run.engine.idle and thinking and thinking[0] > run.t_s:
+            run.t_s = thinking[0]
+        while thinking and thinking[0] <= run.t_s + ADMIT_S:
+            run.issue(heapq.heappop(thinking))
         quiet = run.engine.quiet_steps()
-        if quiet:
+        if quiet and thinking:  # up to the step the next thinking client joins
+            quiet = min(quiet, math.ceil((thinking[0] - ADMIT_S - run.t_s) / run.engine.quiet_step_s()))
+        if quiet > 0:
             run.skip(quiet)
             continue
         step = run.step()
-        for _ in step.finished:  # type: ignore[union-attr]  # never idle: every client has a request in
-            run.issue(run.t_s)  # zero think time: the next request arrives as the last one ends
-    return run.truth(mode="closed", concurrency=concurrency)
+        for _ in step.finished if step is not None else ():
+            if think_s <= 0:
+                # The next request follows at once: a real client's turnaround is within ADMIT_S
+                # at low concurrency, so it joins the step that starts at this boundary too.
+                run.issue(run.t_s)
+            else:
+                heapq.heappush(thinking, run.t_s + think_time_s(rng, think_s))
+    return run.truth(mode="closed", concurrency=concurrency, think_s=think_s)
 
 
 def arrival_times_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[float]:
@@ -212,7 +228,7 @@ def _simulate_open(model: EngineModel, pairs: Pairs, rate_rps: float, burstiness
     while run.cohort_left or run.t_s < run.window[1]:  # at low load the cohort can finish before the cut
         if engine.idle and run.t_s < next_s:
             run.t_s = next_s
-        while next_s <= run.t_s:  # arrivals during a step join at its end
+        while next_s <= run.t_s + ADMIT_S:  # arrivals during a step, or just after, join the next
             run.issue(next_s)
             next_s = next(arrivals)
         if not checked and run.t_s >= run.window[1]:
@@ -221,7 +237,7 @@ def _simulate_open(model: EngineModel, pairs: Pairs, rate_rps: float, burstiness
                 return run.truth(stable=False, **load)
         quiet = engine.quiet_steps()
         if quiet:  # up to the step at whose end the next arrival joins
-            run.skip(min(quiet, math.ceil((next_s - run.t_s) / engine.quiet_step_s())))
+            run.skip(min(quiet, math.ceil((next_s - ADMIT_S - run.t_s) / engine.quiet_step_s())))
         else:
             run.step()
     return run.truth(**load)
@@ -253,18 +269,25 @@ def _cached(cache_dir: Path | str | None, cls: type[_M], key: dict, compute: Cal
     return result
 
 
-def closed_loop_truth(model: EngineModel, pairs: Pairs, concurrency: int, *,
+def closed_loop_truth(model: EngineModel, pairs: Pairs, concurrency: int, *, think_s: float = 0.0, seed: int = 0,
                       horizon_requests: int = HORIZON_REQUESTS, warmup_frac: float = WARMUP_FRAC,
                       cache_dir: Path | str | None = None, digest: str | None = None) -> TruthPoint:
-    """N clients, each sending its next request the instant its last one ends; request i is pairs[i % len]."""
+    """N clients, each sending its next request when its last one ends, after a think time of mean
+    think_s drawn as the load client draws it (0: at once); request i is pairs[i % len].
+
+    With no think time the clients send at step boundaries, and a real client's turnaround (2-3 ms
+    at 4 streams, 10 ms for 24 in lockstep, on 2 cores) decides which step a request joins: no
+    offline truth can know that, so checks of a real client against this truth give the clients
+    a think time, which spreads their arrivals over the steps as they are in the truth."""
     if not 1 <= concurrency <= int(warmup_frac * horizon_requests):
         # The first wave arrives all at once at 0: the warm-up must outlast it.
         raise ValueError(f"concurrency must be >= 1 and at most the warm-up's {int(warmup_frac * horizon_requests)} "
                          f"requests, got {concurrency}")
     key = dict(kind="closed", model=model.model_dump(), pairs=digest or pairs_digest(pairs), concurrency=concurrency,
-               horizon_requests=horizon_requests, warmup_frac=warmup_frac)
+               horizon_requests=horizon_requests, warmup_frac=warmup_frac, think_s=think_s,
+               seed=seed if think_s > 0 else None)
     return _cached(cache_dir, TruthPoint, key,
-                   lambda: _simulate_closed(model, pairs, concurrency, horizon_requests, warmup_frac))
+                   lambda: _simulate_closed(model, pairs, concurrency, horizon_requests, warmup_frac, think_s, seed))
 
 
 def open_loop_truth(model: EngineModel, pairs: Pairs, rate_rps: float, seed: int = 0, *, burstiness: float = 1.0,
@@ -290,9 +313,9 @@ def meets(point: TruthPoint, tier_ttft_s: float, tier_tpot_s: float, percentile:
 
 def capacity_truth(model: EngineModel, pairs: Pairs, tier_ttft_s: float, tier_tpot_s: float,
                    percentile: Literal[50, 90, 99] = 90, mode: Literal["closed", "open"] = "closed", *,
-                   seed: int = 0, burstiness: float = 1.0, horizon_requests: int = HORIZON_REQUESTS,
-                   warmup_frac: float = WARMUP_FRAC, rel_tol: float = 0.005, max_concurrency: int = 1024,
-                   cache_dir: Path | str | None = None) -> CapacityTruth:
+                   seed: int = 0, burstiness: float = 1.0, think_s: float = 0.0,
+                   horizon_requests: int = HORIZON_REQUESTS, warmup_frac: float = WARMUP_FRAC, rel_tol: float = 0.005,
+                   max_concurrency: int = 1024, cache_dir: Path | str | None = None) -> CapacityTruth:
     """The highest load at which both p-th percentiles meet the tier: an integer concurrency (closed)
     or an offered rate found by bisection to rel_tol (open). Assumes latency grows with load: the
     search doubles the load until it fails, then bisects between the last pass and the first fail."""
@@ -302,12 +325,14 @@ def capacity_truth(model: EngineModel, pairs: Pairs, tier_ttft_s: float, tier_tp
                percentile=percentile, mode=mode, seed=seed if mode == "open" else None,
                burstiness=burstiness if mode == "open" else None, horizon_requests=horizon_requests,
                warmup_frac=warmup_frac, rel_tol=rel_tol if mode == "open" else None,
-               max_concurrency=max_concurrency if mode == "closed" else None)
+               max_concurrency=max_concurrency if mode == "closed" else None,
+               think_s=think_s if mode == "closed" else None)
     points: dict[float, TruthPoint] = {}
 
     def at(level: float) -> TruthPoint:
         if level not in points:
-            points[level] = (closed_loop_truth(model, pairs, int(level), **common) if mode == "closed" else
+            points[level] = (closed_loop_truth(model, pairs, int(level), think_s=think_s, seed=seed, **common)
+                             if mode == "closed" else
                              open_loop_truth(model, pairs, level, seed, burstiness=burstiness, **common))
         return points[level]
 
