@@ -56,7 +56,7 @@ DEMO_OUT := $(REPORT)/demo_tiny-llama_cpu.jsonl
 demo: install
 	mkdir -p $(REPORT)
 	$(BIN)/python -m pricing.bench --model tiny-llama --gpu cpu --profile $(PROFILE) --max-model-len 4096 \
-		--min-window-s 8 --min-requests 10 --max-probes 6 --max-probe-s 60 --out $(DEMO_OUT) $(BENCH_ARGS)
+		--min-window-s 8 --min-requests 20 --max-probes 6 --max-open-probes 4 --max-probe-s 60 --out $(DEMO_OUT) $(BENCH_ARGS)
 	$(BIN)/python -m pricing.price $(DEMO_OUT) --html $(REPORT)/demo.html --json $(REPORT)/demo_prices.json
 
 clean:

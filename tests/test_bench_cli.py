@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from pricing.bench import main
+from pricing.measure.requests import requests_path
 from pricing.results import read_records
+from pricing.schema import SCHEMA_VERSION
 from pricing.testing.mock_server import LatencyModel, MockConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def test_make_bench_against_a_real_vllm_cpu_server(tmp_path):
     """`make bench` with the tiny shape: server starts, >= 3 probes, valid JSONL, clean shutdown."""
     out = tmp_path / "tiny_cpu.jsonl"
     bench_args = (f"--profile fixed:300:32 --max-model-len 1024 --min-window-s 3 --min-requests 5 "
-                  f"--max-probes 3 --tier Baseline --out {out} --models-dir {tmp_path / 'models'}")
+                  f"--max-probes 3 --max-open-probes 2 --tier Baseline --out {out} --models-dir {tmp_path / 'models'}")
     env = {**os.environ, "BENCH_ARGS": bench_args, "VENV": str(Path(sys.executable).parents[1])}
     cmd = ["flock", "/tmp/vllm.lock", "make", "-C", str(REPO), "bench", "MODEL=tiny-llama", "QUANT=base", "TP=1", "GPU=cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
@@ -54,7 +56,9 @@ def test_make_bench_against_a_real_vllm_cpu_server(tmp_path):
     records = read_records(out)
     assert len(records) >= 3
     for line in out.read_text().splitlines():
-        assert json.loads(line)["schema_version"] == 1
+        assert json.loads(line)["schema_version"] == SCHEMA_VERSION
+    assert any(r.load.mode == "open" for r in records), "the open-loop step ran"
+    assert requests_path(out).exists()  # per-request records beside the results
     decode = [r for r in records if r.load.kind == "decode"]
     assert decode and all(r.stats.completed >= 5 and r.stats.failed == 0 for r in decode)
     assert all(r.config.vllm_version for r in records)

@@ -42,15 +42,16 @@ def report_html() -> str:
 def test_page_is_self_contained_with_plotly_once(report_html):
     assert len(PLOTLY_JS_BANNER.findall(report_html)) == 1
     assert not re.search(r"<script[^>]+src=", report_html)  # nothing fetched
-    # latency, heatmap, pricing tiers, cost vs throughput, energy, profile (from sample pairs)
-    assert report_html.count('class="plotly-graph-div"') == 6
+    # latency, heatmap, capacity, pricing tiers, cost vs throughput, energy, profile (from sample pairs)
+    assert report_html.count('class="plotly-graph-div"') == 7
     assert "not verified online" in report_html and "FALLBACK" in report_html
 
 
 def test_figures_skip_missing_data():
     rows, probes, _, _ = _inputs()
     no_energy = [r.model_copy(update={"energy": None}) for r in rows]
-    assert len(build_figures(no_energy, [], DEFAULT_TIERS)) == 3  # heatmap, pricing tiers, cost vs throughput
+    # heatmap, capacity, pricing tiers, cost vs throughput
+    assert len(build_figures(no_energy, [], DEFAULT_TIERS)) == 4
 
 
 def test_profile_histograms_are_duck_typed():

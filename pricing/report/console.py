@@ -11,7 +11,7 @@ from rich.table import Table
 from pricing.capacity.curve import Capacity
 from pricing.cost.price_rows import PriceRow, PricingParams
 from pricing.schema import SloTier
-from pricing.units import fmt_ms, fmt_s, fmt_usd
+from pricing.units import fmt_ms, fmt_s, fmt_usd, plus_minus
 
 
 def price_text(value: float | None, low: float | None, high: float | None, row: PriceRow) -> str:
@@ -23,13 +23,6 @@ def price_text(value: float | None, low: float | None, high: float | None, row: 
     if row.capacity_lower_bound:
         return f"≤ {fmt_usd(value)}"
     return f"{fmt_usd(value)} {plus_minus(value, low, high)}"
-
-
-def plus_minus(value: float, low: float | None, high: float | None) -> str:
-    """'± 3%' for a 95% interval around value (the larger side), '± ?' when unbounded."""
-    if low is None or high is None or value <= 0:
-        return "± ?"
-    return f"± {max(high - value, value - low) / value:.0%}"
 
 
 def describe_capacity(cap: Capacity, mode: str) -> str:

@@ -19,13 +19,27 @@ from pricing.cost.catalog import Catalog
 from pricing.cost.price_rows import PriceRow, PricingParams
 from pricing.results import SourcedProbe
 from pricing.schema import SloTier
+from pricing.units import plus_minus
 
 Hist = tuple[list[float], list[float]]  # bin edges (n + 1), counts (n)
 _DASHES = ("dash", "dot", "dashdot", "longdash")
 
 
+def _with_interval(stats: Sequence[Any], scale: float) -> tuple[list, list, list]:
+    """p90s and the distances to their 95% interval's ends (None where unknown or unbounded)."""
+    y, plus, minus = [], [], []
+    for s in stats:
+        value = None if s.p90 is None else s.p90 * scale
+        low, high = s.p90_ci or (None, None)
+        y.append(value)
+        plus.append(None if value is None or high is None else high * scale - value)
+        minus.append(None if value is None or low is None else value - low * scale)
+    return y, plus, minus
+
+
 def fig_latency(probes: Sequence[SourcedProbe], tiers: Sequence[SloTier]) -> go.Figure | None:
-    """p90 TTFT and TPOT against output throughput, one line per config, with each tier's limits."""
+    """p90 TTFT and TPOT (with 95% intervals) against output throughput, one line per config, with
+    each tier's limits."""
     decode = [p for p in probes if p.record.load.kind == "decode"]
     if not decode:
         return None
@@ -36,19 +50,52 @@ def fig_latency(probes: Sequence[SourcedProbe], tiers: Sequence[SloTier]) -> go.
         line = {"color": palette[i % len(palette)]}
         x = [p.record.stats.output_tok_s for p in group]
         name = f"{group[0].record.config.label} · {group[0].record.workload}"
-        ttft = [p.record.stats.ttft_s.p90 for p in group]
-        tpot = [None if p.record.stats.tpot_s.p90 is None else p.record.stats.tpot_s.p90 * 1000 for p in group]
-        fig.add_trace(go.Scatter(x=x, y=ttft, mode="lines+markers", name=name, legendgroup=name, line=line),
-                      row=1, col=1)
-        fig.add_trace(go.Scatter(x=x, y=tpot, mode="lines+markers", name=name, legendgroup=name, showlegend=False,
-                                 line=line),
-                      row=1, col=2)
+        for col, metric, scale in ((1, "ttft_s", 1.0), (2, "tpot_s", 1000.0)):
+            y, plus, minus = _with_interval([getattr(p.record.stats, metric) for p in group], scale)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, line=line,
+                                     showlegend=col == 1, error_y={"type": "data", "array": plus,
+                                                                   "arrayminus": minus, "visible": True}),
+                          row=1, col=col)
     for i, tier in enumerate(tiers):
         dash = _DASHES[i % len(_DASHES)]
         fig.add_hline(y=tier.ttft_s, line_dash=dash, line_color="gray", annotation_text=tier.name, row=1, col=1)
         fig.add_hline(y=tier.tpot_s * 1000, line_dash=dash, line_color="gray", annotation_text=tier.name, row=1, col=2)
     fig.update_xaxes(title_text="output tokens/s")
     fig.update_layout(title="Latency against throughput (decode probes; dashed: SLO limits)", height=450)
+    return fig
+
+
+def _price_label(row: PriceRow, attr: str) -> str:
+    value = getattr(row, attr)
+    if row.capacity_lower_bound:
+        text = f"≤ ${value:.3g}"
+    elif row.source == "seed":
+        text = f"${value:.3g}"
+    else:
+        text = f"${value:.3g} {plus_minus(value, getattr(row, attr + '_low'), getattr(row, attr + '_high'))}"
+    return text + (" ★" if row.cheapest else "")
+
+
+def fig_capacity(rows: Sequence[PriceRow]) -> go.Figure | None:
+    """Each tier's capacity under closed and open loop, with the priced one's 95% interval."""
+    priced = [r for r in rows if r.feasible and r.source == "probe" and r.capacity_rps]
+    if not priced:
+        return None
+    x = [f"{r.label} | {r.tier.name}" for r in priced]
+    fig = go.Figure()
+    for model, attr in (("closed loop", "closed_capacity_rps"), ("open loop (Poisson)", "open_capacity_rps")):
+        values = [getattr(r, attr) for r in priced]
+        priced_here = [r.load_model == model.split()[0] for r in priced]
+        plus = [(r.capacity_rps_high - r.capacity_rps) if here and r.capacity_rps_high is not None else None
+                for r, here in zip(priced, priced_here, strict=True)]
+        minus = [(r.capacity_rps - r.capacity_rps_low) if here and r.capacity_rps_low is not None else None
+                 for r, here in zip(priced, priced_here, strict=True)]
+        fig.add_trace(go.Bar(x=x, y=values, name=model,
+                             error_y={"type": "data", "array": plus, "arrayminus": minus, "visible": True}))
+    fig.update_yaxes(title_text="requests/s at the tier's capacity")
+    fig.update_layout(barmode="group", height=450,
+                      title="Capacity per tier: closed loop against Poisson arrivals (error bars: 95% interval of "
+                            "the one that prices)")
     return fig
 
 
@@ -63,11 +110,11 @@ def fig_price_heatmap(rows: Sequence[PriceRow]) -> go.Figure:
     for col, attr in ((1, "input_usd_per_mtok"), (2, "output_usd_per_mtok")):
         z = [[getattr(cells[c, t], attr) if (c, t) in cells and cells[c, t].feasible else None for t in tiers]
              for c in configs]
-        text = [["✗" if v is None else f"${v:.3g}" + (" ★" if cells[c, t].cheapest else "")
-                 for v, t in zip(zr, tiers, strict=True)] for zr, c in zip(z, configs, strict=True)]
+        text = [["✗" if v is None else _price_label(cells[c, t], attr) for v, t in zip(zr, tiers, strict=True)]
+                for zr, c in zip(z, configs, strict=True)]
         fig.add_trace(go.Heatmap(z=z, x=tiers, y=configs, text=text, texttemplate="%{text}", colorscale="Viridis",
                                  showscale=False, hoverongaps=False), row=1, col=col)
-    fig.update_layout(title="Price matrix (★ cheapest per tier; ✗ tier not met)",
+    fig.update_layout(title="Price matrix (± 95% interval; ≤ upper bound; ★ cheapest per tier; ✗ tier not met)",
                       height=max(300, 120 + 60 * len(configs)))
     return fig
 
@@ -212,7 +259,7 @@ def fig_ttft_client_vs_server(probes: Sequence[SourcedProbe]) -> go.Figure | Non
 def build_figures(rows: Sequence[PriceRow], probes: Sequence[SourcedProbe], tiers: Sequence[SloTier],
                   profile: Any = None) -> list[go.Figure]:
     """Every figure that has data, in page order."""
-    figures = [fig_latency(probes, tiers), fig_price_heatmap(rows), fig_pricing_tiers(rows),
+    figures = [fig_latency(probes, tiers), fig_price_heatmap(rows), fig_capacity(rows), fig_pricing_tiers(rows),
                fig_cost_throughput(rows), fig_energy(rows), fig_ttft_client_vs_server(probes)]
     hists = profile_histograms(profile)
     title = f"Traffic profile {getattr(profile, 'name', '')}".strip()

@@ -1,0 +1,85 @@
+"""95% intervals (measure.intervals) against samples whose distribution is known, and the
+per-request table a probe keeps (measure.requests)."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pricing.measure.intervals import (
+    percentile_interval,
+    proportion_interval,
+    rate_interval,
+    variance_inflation,
+)
+from pricing.measure.requests import cohort, table_from_records
+from pricing.schema import CANCELLED, RequestRecord
+
+TRUE_P90 = math.exp(0.5 * stats.norm.ppf(0.9))  # of exp(0.5 Z)
+
+
+def _lognormal(n: int, rho: float, rng) -> np.ndarray:
+    """exp(0.5 X) with X an AR(1) series of correlation rho: neighbours in time look alike."""
+    e = rng.standard_normal(n)
+    x = np.empty(n)
+    x[0] = e[0]
+    for i in range(1, n):
+        x[i] = rho * x[i - 1] + math.sqrt(1 - rho * rho) * e[i]
+    return np.exp(0.5 * x)
+
+
+@pytest.mark.parametrize(("n", "rho"), [(100, 0.0), (300, 0.0), (300, 0.7)])
+def test_p90_interval_covers_the_truth_95_percent_of_the_time(n, rho):
+    rng = np.random.default_rng(7)
+    covered = 0
+    for _ in range(300):
+        low, high = percentile_interval(_lognormal(n, rho, rng), 90)
+        covered += low <= TRUE_P90 <= high
+    assert covered / 300 >= 0.90  # 95% nominal; correlated samples are widened, not ignored
+
+
+def test_correlation_widens_the_interval():
+    rng = np.random.default_rng(3)
+    iid, corr = _lognormal(400, 0.0, rng), _lognormal(400, 0.9, rng)
+    assert variance_inflation((corr <= np.percentile(corr, 90)).astype(float)) > 2
+    width = lambda x: np.subtract(*percentile_interval(x, 90)[::-1])  # noqa: E731
+    assert width(corr) > width(iid)
+
+
+def test_too_few_samples_leave_the_p90_unbounded_above():
+    rng = np.random.default_rng(0)
+    assert percentile_interval(rng.random(30), 90)[1] == math.inf
+    assert math.isfinite(percentile_interval(rng.random(60), 90)[1])
+
+
+def test_rate_interval_is_the_flow_and_batch_means():
+    t = np.arange(0, 10_000, 10) * 1_000_000  # one event every 10 ms for 10 s
+    rate, (low, high) = rate_interval(t, np.ones(t.size), 0, 10_000 * 1_000_000)
+    assert rate == pytest.approx(100.0, rel=0.01) and low <= rate <= high and high - low < 2
+
+
+def test_error_rate_interval_is_clopper_pearson():
+    low, high = proportion_interval(0, 100)
+    assert low == 0 and high == pytest.approx(1 - 0.025 ** (1 / 100))
+
+
+def _rec(start, chunks, tokens=None, error=None):
+    ms = 1_000_000
+    return RequestRecord(start_ns=start * ms, chunk_ns=[c * ms for c in chunks],
+                         end_ns=(chunks[-1] if chunks else start) * ms, completion_tokens=tokens,
+                         prompt_tokens=10, target_input_tokens=10, target_output_tokens=len(chunks), error=error)
+
+
+def test_cohort_follows_each_first_token_of_the_window_to_its_end():
+    records = [
+        _rec(0, [50, 60, 70], tokens=3),  # first token before the window: out
+        _rec(900, [1100, 1200, 1300, 1400], tokens=4),  # TPOT over its whole life: 100 ms
+        _rec(1900, [1950, 2200, 2450], tokens=3),  # ends in the tail: TPOT 250 ms, not cut at the window's end
+        _rec(1980, [1990, 2010, 2030, 2050], error=CANCELLED),  # cut by the drain: 20 ms a chunk
+        _rec(1500, [], error="http_500"),
+    ]
+    sample = cohort(table_from_records(records, 1000 * 1_000_000, 2000 * 1_000_000))
+    assert sample.ttft_s.tolist() == pytest.approx([0.2, 0.05, 0.01])
+    assert sorted(sample.tpot_s.tolist()) == pytest.approx([0.02, 0.1, 0.25])
+    assert sample.failed == 1 and sample.errors_by_kind == {"http_500": 1} and sample.issued == 2
