@@ -12,6 +12,9 @@
 #   bash benchmarks/gpu_reference.sh peer NAME ISL OSL CONCURRENCY PROMPTS    # vllm bench serve
 #   bash benchmarks/gpu_reference.sh peercheck NAME ISL OSL CONCURRENCY [peer_check args...]
 #        ours (token ids, text) then vllm bench, compared (benchmarks/peer_check.py)
+#   bash benchmarks/gpu_reference.sh bg JOB COMMAND [ARGS...]   # any command above, detached, from a copy
+#        under /root (the device tool lays the checkout afresh every call); its output in /root/JOB.txt
+#   bash benchmarks/gpu_reference.sh poll JOB SECONDS         # wait up to SECONDS for JOB, show its tail
 #   bash benchmarks/gpu_reference.sh stop NAME...
 #   bash benchmarks/gpu_reference.sh collect                 # results + logs -> $OUT/results.tgz
 set -euo pipefail
@@ -94,13 +97,28 @@ peercheck)
     exec python3 benchmarks/peer_check.py --url "http://127.0.0.1:${c[4]}" --model "${c[0]}" --tokenizer "${c[5]}" \
         --isl "$isl" --osl "$osl" --concurrency "$conc" --json "$RESULTS/peer_check_${name}_c${conc}.json" "$@"
     ;;
+bg)
+    job=$1; shift
+    snap=/root/snap-$job
+    rm -rf "$snap"; mkdir -p "$snap"; cp -r pricing benchmarks profiles quant_recipes "$snap/"
+    quoted=$(printf '%q ' "$@")  # keeps each argument whole ("NAME PROFILE args" for parallel)
+    (cd "$snap" && setsid nohup bash -c "bash benchmarks/gpu_reference.sh $quoted; echo \$? > /root/$job.done" \
+        > "/root/$job.txt" 2>&1 &)
+    echo "started $job"
+    ;;
+poll)
+    job=$1 limit=$2
+    for _ in $(seq 1 "$limit"); do [ -f "/root/$job.done" ] && break; sleep 1; done
+    tail -c 3000 "/root/$job.txt" | tr '\r' '\n' | grep -v "^\s*$" | tail -25
+    [ -f "/root/$job.done" ] && echo "$job finished: exit $(cat "/root/$job.done")" || echo "$job still running"
+    ;;
 stop)
     for name in "$@"; do kill -TERM -- "-$(cat "$STATE/$name.pid")" 2>/dev/null || true; done
     sleep 10
     for name in "$@"; do kill -KILL -- "-$(cat "$STATE/$name.pid")" 2>/dev/null || true; done
     ;;
 collect)
-    tar czf "${OUT:?}/results.tgz" -C /root results $(cd /root && ls ./*.log 2>/dev/null)
+    tar czf "${OUT:?}/results.tgz" -C /root results $(cd /root && ls ./*.log ./*.txt 2>/dev/null)
     ;;
 *)
     echo "unknown command $cmd" >&2; exit 2 ;;

@@ -103,7 +103,14 @@ def main(argv: Sequence[str] | None = None, out: Console | None = None, err: Con
     except InputError as exc:
         err.print(format_error(exc), markup=False)
         return EXIT_INPUT_ERROR
-    records, errors = load_records(args.files, catalog, warn=lambda w: err.print(f"warning: {w}", markup=False))
+    said: set[str] = set()
+
+    def warn(message: str) -> None:  # once each: the same file can be asked about per tier and config
+        if message not in said:
+            said.add(message)
+            err.print(f"warning: {message}", markup=False)
+
+    records, errors = load_records(args.files, catalog, warn=warn)
     for exc in errors:
         err.print(format_error(exc), markup=False)
     if errors and not args.keep_going:
@@ -112,7 +119,7 @@ def main(argv: Sequence[str] | None = None, out: Console | None = None, err: Con
         return EXIT_INPUT_ERROR
     probes = [r for r in records if isinstance(r, SourcedProbe)]
     seeds = [r for r in records if isinstance(r, SeedServer)]
-    rows = mark_cheapest(price_records(probes, tiers, catalog, params) + price_seed(seeds, tiers, params))
+    rows = mark_cheapest(price_records(probes, tiers, catalog, params, warn) + price_seed(seeds, tiers, params))
     if not rows:
         err.print("error: nothing to price", markup=False)
         return EXIT_INPUT_ERROR

@@ -120,3 +120,32 @@ async def test_text_prompt_sweep_is_its_own_sweep_and_sends_text(mock_server, tm
     assert records[2].workload == "fixed-32-10 (text)" and records[0].workload == "fixed-32-10"
     heads = [t["head"] for t in json.load(urllib.request.urlopen(f"{mock.url}/mock/timeline")).values()]
     assert any(h.startswith("t") for h in heads) and any(h[:1].isdigit() for h in heads)  # /detokenize text, then ids
+
+
+async def test_a_new_percentile_prices_from_the_per_request_records_and_their_loss_only_warns(mock_server, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from pricing.price import main as price_main
+
+    mock = mock_server(MockConfig(latency=LATENCY))
+    out = tmp_path / "mock_cpu.jsonl"
+    await run_sweep(spec(open_loop=False, max_probes=4), prober(mock.url), out)
+
+    def price(*tiers: str) -> tuple[int, dict, str]:
+        err = io.StringIO()
+        prices = tmp_path / "prices.json"
+        code = price_main([str(out), "--hourly-rate", "1", "--load-model", "closed", "--json", str(prices),
+                           "--tier", *tiers], out=Console(file=io.StringIO(), width=200),
+                          err=Console(file=err, width=300, soft_wrap=True))
+        rows = {r["tier"]["name"]: r for r in json.loads(prices.read_text())["rows"]} if code == 0 else {}
+        return code, rows, err.getvalue()
+
+    code, rows, _ = price("Mock:0.5:0.021:95")  # p95: stored on no probe line
+    assert code == 0 and rows["Mock"]["feasible"] and rows["Mock"]["capacity_rps"] > 0
+    requests_path(out).unlink()
+    code, rows, err = price("Mock:0.5:0.021:95", "Stored:0.5:0.021:90")
+    assert code == 0 and "per-request records missing" in err and str(requests_path(out)) in err
+    assert not rows["Mock"]["feasible"] and "per-request records" in rows["Mock"]["reason"]
+    assert rows["Stored"]["feasible"]  # the probes' aggregates still price

@@ -38,7 +38,7 @@ from pricing.cost.split import (
     request_tokens,
     split_prices,
 )
-from pricing.results import SourcedProbe
+from pricing.results import SourcedProbe, Warn
 from pricing.schema import Frozen, ProbeRecord, SloTier, Strict, config_label
 
 
@@ -252,10 +252,10 @@ def _tokens_per_request(probe: SourcedProbe) -> tuple[float, float]:
     return request_tokens(stats)
 
 
-def _capacities(probes: Sequence[SourcedProbe], tier: SloTier, params: PricingParams
+def _capacities(probes: Sequence[SourcedProbe], tier: SloTier, params: PricingParams, warn: Warn | None = None
                 ) -> tuple[Capacity, Capacity, Capacity, str, list[str]]:
     """The closed- and open-loop capacities, and which one prices the tier (with why)."""
-    closed, opened = tier_capacity(probes, tier, "closed"), tier_capacity(probes, tier, "open")
+    closed, opened = tier_capacity(probes, tier, "closed", warn), tier_capacity(probes, tier, "open", warn)
     warnings: list[str] = []
     if params.load_model == "closed" or opened.probes == 0:
         if params.load_model == "open":
@@ -277,13 +277,15 @@ def _interval_warnings(cap: Capacity, mode: str) -> list[str]:
     return []
 
 
-def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog, params: PricingParams) -> PriceRow:
-    """The price row of one config (all `probes` share config.key and profile) for one tier."""
+def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog, params: PricingParams,
+                 warn: Warn | None = None) -> PriceRow:
+    """The price row of one config (all `probes` share config.key and profile) for one tier.
+    `warn` hears about per-request records that are missing (a tier's percentile not stored)."""
     cfg = probes[0].record.config
     n = params.replicas
     base = dict(config_key=cfg.key, profile=probes[0].record.workload, model=cfg.model, scheme=cfg.scheme, tp=cfg.tp,
                 gpu_name=cfg.gpu_name, gpu_count=cfg.gpu_count, replicas=n, tier=tier, split=params.split)
-    closed, opened, cap, mode, warnings = _capacities(probes, tier, params)
+    closed, opened, cap, mode, warnings = _capacities(probes, tier, params, warn)
     if cap.kind == "none" or cap.rate_rps is None or cap.rate_rps <= 0:
         return PriceRow(**base, feasible=False, load_model=mode, reason=failure_reason(probes, tier, mode))  # type: ignore[arg-type]
     rates = ({"hourly_rate": params.hourly_rate_usd} if params.hourly_rate_usd is not None else
@@ -346,7 +348,7 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
 
 
 def price_records(records: Sequence[SourcedProbe | ProbeRecord], tiers: Sequence[SloTier], catalog: Catalog,
-                  params: PricingParams | None = None) -> list[PriceRow]:
+                  params: PricingParams | None = None, warn: Warn | None = None) -> list[PriceRow]:
     """Price rows for every config (grouped by config.key) and tier, cheapest marked per tier.
 
     Raises InputError for a probe whose GPU the catalog does not know.
@@ -356,7 +358,8 @@ def price_records(records: Sequence[SourcedProbe | ProbeRecord], tiers: Sequence
     for probe in probes:
         if catalog.find_gpu(probe.record.config.gpu_name) is None:
             raise unknown_gpu_error(catalog, probe.record.config.gpu_name, probe.file, probe.line)
-    rows = [price_config(group, tier, catalog, params) for group in group_by_config(probes).values() for tier in tiers]
+    rows = [price_config(group, tier, catalog, params, warn) for group in group_by_config(probes).values()
+            for tier in tiers]
     return mark_cheapest(rows)
 
 
