@@ -101,11 +101,20 @@ def test_a_window_that_never_filled_is_a_sure_fail():
     assert cap.kind == "found" and 2 <= cap.level < 8
 
 
-def test_the_lowest_level_asked_for_goes_first_across_tiers():
-    strict = [Point(1, 0.3, 0.28, 0.32, 10, 10, 10), Point(8, 3.0, 2.9, 3.1, 50, 50, 50)]
-    loose = [Point(1, 0.05, 0.04, 0.06, 10, 10, 10), Point(8, 0.2, 0.19, 0.21, 50, 50, 50)]
-    params = SearchParams()
-    tried = {1.0, 8.0}
+def test_the_tiers_take_turns_so_a_flat_strict_tier_cannot_spend_the_budget():
+    """Strict: undecided at every level between 30 and 40 (a flat curve within the noise); loose:
+    never violated. Both keep asking; each gets every other probe."""
+    strict = [Point(8, 0.5, 0.47, 0.53, 10, 10, 10), Point(24, 0.9, 0.85, 0.95, 30, 30, 30),
+              Point(52, 1.2, 1.1, 1.3, 50, 50, 50)] + [Point(c, 1.0, 0.95, 1.05, 40, 40, 40) for c in range(30, 41)]
+    loose = [Point(p.level, p.severity / 5, p.severity_low / 5, p.severity_high / 5, 40, 40, 40) for p in strict]
+    params = SearchParams(tolerance=0.15)
+    tried = {p.level for p in strict}
     strict_wants, loose_wants = tier_next_level(strict, params, tried), tier_next_level(loose, params, tried)
     assert strict_wants is not None and loose_wants is not None and strict_wants < loose_wants
-    assert next_level({"strict": strict, "loose": loose}, params, tried) == strict_wants
+    asked, turn = [], 0
+    for _ in range(4):
+        level, turn = next_level({"strict": strict, "loose": loose}, params, tried, turn)
+        asked.append(level)
+    assert asked == [strict_wants, loose_wants] * 2
+    done = {"strict": strict[:1], "loose": loose}
+    assert next_level(done, params, tried | {8.0}, 0)[0] == loose_wants  # a resolved or stuck tier gives its turn

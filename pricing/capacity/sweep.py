@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from pricing.capacity.choice import tier_point
 from pricing.capacity.curve import Capacity, Point, capacity_from_points
-from pricing.capacity.search import SearchParams, next_level, tier_next_level
+from pricing.capacity.search import SearchParams, next_level
 from pricing.load.client import ProbePlan
 from pricing.measure.probe import ProbeResult
 from pricing.measure.requests import requests_path
@@ -179,9 +179,9 @@ class _Run:
     async def search(self, mode: Mode, params: SearchParams, budget: int,
                      first: dict[str, float] | None = None) -> tuple[int, StopKind | None, str | None]:
         """Probe where the search asks until every tier is resolved or `budget` probes ran.
-        `first`: levels to probe before the search proper (the open loop's confirmations); with
-        them the tiers then take turns, so one hard-to-resolve tier cannot spend the whole budget
-        (near its capacity a Poisson TPOT p90 barely moves with the rate)."""
+        `first`: levels to probe before the search proper (the open loop's confirmations); then
+        the tiers take turns (search.next_level), so one hard-to-resolve tier cannot spend the
+        whole budget."""
         run, turn = 0, 0
         while True:
             points = points_by_tier(self.records, self.spec.tiers, mode)
@@ -189,14 +189,8 @@ class _Run:
             wanted = [lvl for lvl in (first or {}).values() if lvl not in tried]
             if wanted:
                 level = min(wanted)
-            elif first is not None:
-                names = list(points)
-                asks = [(i, tier_next_level(points[names[(turn + i) % len(names)]], params, tried))
-                        for i in range(len(names))]
-                i, level = next(((i, lvl) for i, lvl in asks if lvl is not None), (0, None))
-                turn += i + 1
             else:
-                level = next_level(points, params, tried)
+                level, turn = next_level(points, params, tried, turn)
             if level is None:
                 return run, None, None
             if run >= budget:
