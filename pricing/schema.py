@@ -128,8 +128,9 @@ class WindowStats(Frozen):
     output_tok_s_ci: Ci | None = None
     measured_input_tok_s: float | None = None  # prompt tokens of requests whose first token came in the window
     lengths_mean: tuple[float, float] | None = None  # (ISL, OSL) per request the rates are derived with
-    # flow: the output flow over lengths_mean; offered: an open loop's rate, the flow keeping up with it
-    rate_source: Literal["flow", "offered"] | None = None
+    # flow: the output flow over lengths_mean; arrivals: an open loop's requests sent in the window;
+    # offered (older records): an open loop's nominal rate, where the flow kept up with it
+    rate_source: Literal["flow", "arrivals", "offered"] | None = None
 
     @property
     def error_rate(self) -> float:

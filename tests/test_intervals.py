@@ -5,16 +5,19 @@ import math
 
 import numpy as np
 import pytest
+from fixtures.pricing_builders import make_probe
 from scipy import stats
 
+from pricing.capacity.choice import fell_behind
 from pricing.measure.intervals import (
     percentile_interval,
     proportion_interval,
     rate_interval,
     variance_inflation,
 )
-from pricing.measure.requests import cohort, table_from_records
-from pricing.schema import CANCELLED, RequestRecord
+from pricing.measure.probe import open_loop_rate
+from pricing.measure.requests import arrival_rate, cohort, table_from_records
+from pricing.schema import CANCELLED, LoadSpec, RequestRecord
 
 TRUE_P90 = math.exp(0.5 * stats.norm.ppf(0.9))  # of exp(0.5 Z)
 
@@ -83,3 +86,34 @@ def test_cohort_follows_each_first_token_of_the_window_to_its_end():
     assert sample.ttft_s.tolist() == pytest.approx([0.2, 0.05, 0.01])
     assert sorted(sample.tpot_s.tolist()) == pytest.approx([0.02, 0.1, 0.25])
     assert sample.failed == 1 and sample.errors_by_kind == {"http_500": 1} and sample.issued == 2
+
+
+def test_an_open_loop_rate_is_its_arrivals_in_the_window_not_the_rate_asked_for():
+    """A window of 2 s holding 3 request starts: 1.5 req/s, whatever the flow or the nominal rate."""
+
+    records = [_rec(900, [950, 960], tokens=2), _rec(1000, [1100, 1200], tokens=2), _rec(2000, [2100, 2150], tokens=2),
+               _rec(2999, [3100, 3200], tokens=2), _rec(3001, [3100, 3200], tokens=2)]
+    table = table_from_records(records, 1000 * 1_000_000, 3000 * 1_000_000)
+    assert arrival_rate(table) == pytest.approx(1.5)
+    stats = make_probe(rps=9.0).stats
+    opened = open_loop_rate(stats, LoadSpec(mode="open", request_rate_rps=2.0), table)
+    assert opened.request_rate_rps == pytest.approx(1.5) and opened.rate_source == "arrivals"
+    assert opened.output_tok_s == stats.output_tok_s  # the flows stay as measured
+    assert open_loop_rate(stats, LoadSpec(mode="closed", concurrency=2), table) is stats
+
+
+@pytest.mark.parametrize(("flow_high", "window_s", "behind"), [
+    (900.0, 100.0, False),  # 10 req/s x 100 tokens asked for; 90% of it is within the slack
+    (850.0, 100.0, True),
+    (850.0, 5.0, False),  # a 5 s window with a 1 s E2E p90 still ramps up: 10% less is asked for
+])
+def test_an_open_loop_that_fell_behind_its_arrivals_is_a_sure_fail(flow_high, window_s, behind):
+
+
+    rec = make_probe(rps=10.0, window_s=window_s, ttft=1.0)  # E2E p90 1 s
+    stats = rec.stats.model_copy(update={"output_tok_s_ci": (800.0, flow_high), "lengths_mean": (500.0, 100.0),
+                                         "rate_source": "arrivals"})
+    rec = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0), "stats": stats})
+    assert fell_behind(rec, 10.0) is behind
+    offered = rec.model_copy(update={"stats": stats.model_copy(update={"rate_source": "offered"})})
+    assert not fell_behind(offered, 10.0)  # its flows were overwritten with the offered rate's

@@ -25,7 +25,12 @@ from pricing.load.client import (
     drive_load,
 )
 from pricing.load.event_loop import paused_gc
-from pricing.measure.requests import RequestTable, cohort, table_from_records
+from pricing.measure.requests import (
+    RequestTable,
+    arrival_rate,
+    cohort,
+    table_from_records,
+)
 from pricing.measure.slo import outcome
 from pricing.measure.telemetry import (
     GpuEnergyMeter,
@@ -98,23 +103,17 @@ def sent_lengths(load: LoadSpec, lengths: tuple[float, float] | None) -> tuple[f
     return (lengths[0], 1.0) if load.kind == "prefill" else lengths
 
 
-def offered_rate(stats: WindowStats, load: LoadSpec) -> WindowStats:
-    """An open loop the server keeps up with serves exactly the offered rate in the long run; the
-    window's flow only adds the noise of which arrivals happened to fall in it (a few percent in
-    a 20 s window). So where the flow's interval reaches the offered rate, the rates are the
-    offered rate's; below it, the server fell behind and the measured flow stands."""
-    offered = load.request_rate_rps
-    high = (stats.request_rate_rps_ci or (None, None))[1]
-    if load.mode != "open" or load.kind != "decode" or offered is None or stats.lengths_mean is None:
+def open_loop_rate(stats: WindowStats, load: LoadSpec, table: RequestTable | None) -> WindowStats:
+    """An open loop's request rate is its load: the arrivals the window received, counted (not a
+    flow from which a rate is derived, nor the rate asked for). Its capacity is the arrival rate at
+    which a tier's limits are crossed, whether or not the server kept up above it. The token
+    flows stay as measured: in a window that opens soon after the first arrival they still ramp
+    up, and energy per token is read against them."""
+    if load.mode != "open" or load.kind != "decode" or table is None or table.window_us <= 0:
         return stats
-    if high is not None and high < offered:
-        return stats
-    isl, osl = stats.lengths_mean
-    return stats.model_copy(update={
-        "request_rate_rps": offered, "request_rate_rps_ci": (offered, offered),
-        "input_tok_s": offered * isl, "input_tok_s_ci": (offered * isl, offered * isl),
-        "output_tok_s": offered * osl, "output_tok_s_ci": (offered * osl, offered * osl),
-        "rate_source": "offered"})
+    rate = arrival_rate(table)
+    return stats.model_copy(update={"request_rate_rps": rate, "request_rate_rps_ci": (rate, rate),
+                                    "rate_source": "arrivals"})
 
 
 def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: LoadSpec | None = None
@@ -123,7 +122,7 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
     table = table_from_records(run.records, run.window_start_ns, run.window_end_ns)
     stats = window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table)
     if load is not None:
-        stats = offered_rate(stats, load)
+        stats = open_loop_rate(stats, load, table)
     warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
     if run.undecided_at_cap:
         warnings.append("the window ran its longest (ProbePlan.max_extension times its length, or --max-probe-s) "
