@@ -79,6 +79,25 @@ def test_request_rate_uses_the_population_lengths_and_the_servers_token_counts()
     assert low <= s.request_rate_rps <= high
 
 
+def test_shortened_warm_up_requests_do_not_count_in_the_mean_length_sent():
+    """A closed loop's first requests ask for (i+1)/N of their output (to desynchronise the
+    slots) and end before the window opens; with no population lengths given, the request rate
+    is the flow over the mean output of the steady state's requests (4 slots, 50 ms to the
+    first token and 10 ms a token after: one 32-token request per 0.36 s per slot)."""
+    n, tokens = 4, 32
+    records = []
+    for slot in range(n):
+        t = slot
+        for osl in [round(tokens * (slot + 1) / n)] + [tokens] * 19:
+            records.append(rec(t, [t + 50 + 10 * i for i in range(osl)]))  # asks for its length
+            t = records[-1].end_ns // MS
+    w0 = max(r.end_ns for r in records[::20])  # every slot's first request has ended
+    s = window_stats(sorted(records, key=lambda r: r.start_ns), w0, w0 + 4000 * MS)
+    assert s.lengths_mean[1] == pytest.approx(32.0)
+    assert s.request_rate_rps == pytest.approx(n / 0.36, rel=0.02)
+    assert s.output_tok_s == pytest.approx(n * tokens / 0.36, rel=0.02)
+
+
 def test_lockstep_closed_loop_rates_do_not_depend_on_where_the_window_falls():
     """16 equal requests in lockstep, one round per 3.3 s (0.3 s prefill, then 300 tokens): a
     15 s window holds 4 or 5 rounds of completions depending on its phase; the rates must not."""

@@ -61,3 +61,10 @@ def test_ours_and_vllm_bench_agree_on_a_server_whose_latencies_are_known(mock_se
         assert theirs_windowed[key] == pytest.approx(theirs[key], rel=0.03), key
     assert ours["ttft_p50_ms"] == pytest.approx(50.0, abs=1.0)
     assert 50.0 <= theirs["ttft_p50_ms"] < 60.0
+    # The truth: each stream gets 32 tokens per 50 + 31 x 10 ms, plus the client's turnaround of
+    # a few ms (the flow over a 4 s window may read a little above it), and every request after
+    # the warm-up asks for and gets 32 tokens, so requests/s is the flow over 32 exactly.
+    truth_tok_s = 4 * 32 / (0.050 + 31 * 0.010)
+    assert 0.97 * truth_tok_s <= ours["output_tok_s"] <= 1.02 * truth_tok_s
+    assert ours["request_rate_rps"] == pytest.approx(ours["output_tok_s"] / 32, rel=1e-9)
+    assert ours["tpot_p90_ms"] == pytest.approx(10.0, abs=0.3)

@@ -80,6 +80,11 @@ def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+def _bar_heights(svg: str) -> list[float]:
+    """Pixel heights of a plotly bar trace's bars, from their paths (M x,y0 V y1 H x' V y0 Z)."""
+    return [abs(float(y0) - float(y1)) for y0, y1 in re.findall(r'class="point"><path d="M[\d.]+,([\d.]+)V([\d.]+)H', svg)]
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path, report_html):
     from PIL import Image, ImageStat
@@ -89,8 +94,19 @@ def test_report_renders_in_headless_chromium(tmp_path, report_html):
     dom = _chromium("--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri(), tmp=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     plots = dom.stdout.split('class="plotly-graph-div')[1:]
-    assert len(plots) == 6
+    # latency, heatmap, capacity, pricing tiers, cost vs throughput, energy, profile
+    assert len(plots) == 7
     assert all('class="main-svg"' in chunk for chunk in plots), "a plot div has no svg.main-svg"
+    # Capacity per tier draws each priced cell's closed-loop capacity to scale; the fixture has no
+    # open-loop probes, so that trace's bars are flat.
+    capacity = [chunk for chunk in plots if "Capacity per tier: closed loop" in chunk]
+    assert len(capacity) == 1
+    closed_bars, open_bars = [_bar_heights(trace) for trace in capacity[0].split('class="trace bars"')[1:]]
+    rows, _, _, _ = _inputs()
+    closed = [r.closed_capacity_rps for r in rows if r.feasible and r.source == "probe" and r.capacity_rps]
+    assert len(closed) >= 2 and all(c > 0 for c in closed)
+    assert closed_bars == pytest.approx([c / max(closed) * max(closed_bars) for c in closed], rel=0.02)
+    assert open_bars == [0.0] * len(closed)
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     errors = [line for line in console if re.search(r"error|uncaught|exception|failed", line, re.I)]
     assert not errors, errors

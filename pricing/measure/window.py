@@ -114,12 +114,12 @@ def window_stats(records: Sequence[RequestRecord], window_start_ns: int, window_
     Flows are measured over the window, not derived from small-sample means: output tokens are
     those streamed in it, with a batch-means interval over ten sub-windows. The request rate is
     that flow over the mean output tokens per request of the traffic sent (`lengths`: the
-    profile's population means of (ISL, OSL) as asked; the requests' own targets when not
-    given), scaled by the tokens the server counted over those asked for; input tokens per
-    second are the request rate times the mean ISL. A mean over the few dozen requests in a
-    window of a heavy-tailed profile would be off by tens of percent; the population's is not.
-    The prompt tokens of the requests whose first token arrived in the window, per second, are
-    kept as `measured_input_tok_s`.
+    profile's population means of (ISL, OSL) as asked; when not given, the mean targets of the
+    requests sent from the window's opening on), scaled by the tokens the server counted over
+    those asked for; input tokens per second are the request rate times the mean ISL. A mean
+    over the few dozen requests in a window of a heavy-tailed profile would be off by tens of
+    percent; the population's is not. The prompt tokens of the requests whose first token
+    arrived in the window, per second, are kept as `measured_input_tok_s`.
 
     Latencies are the cohort's (measure.requests.cohort): TTFT of every request whose first token
     arrived in the window, TPOT of each followed to its end, with 95% intervals.
@@ -136,8 +136,11 @@ def window_stats(records: Sequence[RequestRecord], window_start_ns: int, window_
     sample = cohort(table)
     times, weights = _chunk_flow(records)
     output_tok_s, output_ci = rate_interval(times, weights, w0, w1)
-    sent = [r for r in records if r.error is None or r.error == CANCELLED or r.chunk_ns]
     if lengths is None:
+        # The steady state's requests only: warm-up requests are the client's, not the traffic's
+        # (a closed loop's first requests ask for a fraction of their output, to desynchronise).
+        sent = [r for r in records if r.error is None or r.error == CANCELLED or r.chunk_ns]
+        sent = [r for r in sent if r.start_ns >= w0] or sent
         lengths = (float(np.mean([r.target_input_tokens for r in sent])) if sent else 0.0,
                    float(np.mean([r.target_output_tokens for r in sent])) if sent else 0.0)
     ratio_in, ratio_out = _usage_ratios(records)
