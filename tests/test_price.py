@@ -194,7 +194,8 @@ def test_prices_always_recover_cost(rps, rate, isl, osl, prefill_tok_s, split, r
 def test_price_rows_recover_cost(rps, isl, osl, prefill, split):
     probes = [make_probe(rps=rps, isl=isl, osl=osl, window_s=1000.0, level=4)]
     if prefill:
-        probes.append(make_probe(rps=rps, kind="prefill", level=4, input_tok_s=rps * isl * 3))
+        probes.append(make_probe(rps=rps, isl=isl, osl=osl, window_s=1000.0, kind="prefill", level=4,
+                                 input_tok_s=rps * isl * 3))
     row = price_records(probes, [BASELINE], CATALOG, PricingParams(split=split))[0]
     total = row.mean_isl * row.input_usd_per_mtok + row.mean_osl * row.output_usd_per_mtok
     assert total / 1e6 == pytest.approx(row.cost_usd_per_request, rel=1e-3)
