@@ -120,3 +120,49 @@ async def test_text_prompt_sweep_is_its_own_sweep_and_sends_text(mock_server, tm
     assert records[2].workload == "fixed-32-10 (text)" and records[0].workload == "fixed-32-10"
     heads = [t["head"] for t in json.load(urllib.request.urlopen(f"{mock.url}/mock/timeline")).values()]
     assert any(h.startswith("t") for h in heads) and any(h[:1].isdigit() for h in heads)  # /detokenize text, then ids
+
+
+def _losing_server_at(real, call: int, kind: str = "decode"):
+    """A prober whose `call`-th probe of `kind` loses the server (as load.server_watch reports it)."""
+    calls: list[tuple[str, float]] = []
+
+    async def probe(load, index):
+        result = await real(load, index)
+        calls.append((load.kind, load.level))
+        if sum(k == kind for k, _ in calls) == call and load.kind == kind:
+            result.abort, result.aborted = "server_unreachable", "server http://mock unreachable: connection refused"
+        return result
+
+    return probe, calls
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+async def test_a_probe_that_lost_the_server_stops_the_sweep_and_is_measured_again_on_resume(mock_server, tmp_path,
+                                                                                         kind):
+    mock = mock_server(MockConfig(latency=LATENCY))
+    out = tmp_path / "mock_cpu.jsonl"
+    real = prober(mock.url)
+    losing, calls = _losing_server_at(real, 3 if kind == "decode" else 1, kind)
+    outcome = await run_sweep(spec(open_loop=False), losing, out)
+    assert outcome.stop == "server_failed" and "http://mock unreachable: connection refused" in outcome.stopped
+    failed = outcome.failed_probe
+    assert failed is not None and failed.abort == "server_unreachable" and failed.load.kind == kind
+    written = read_records(out)
+    assert written[-1] == failed and len(written) == len(calls)  # recorded, with its cause, and the sweep stopped
+    assert failed not in outcome.records  # nothing about latency is read from it
+    assert outcome.closed["Mock"].kind != "found" or kind == "prefill"
+
+    resumed = []
+
+    async def counting(load, index):
+        resumed.append((load.kind, load.level))
+        return await real(load, index)
+
+    again = await run_sweep(spec(open_loop=False), counting, out)
+    assert again.stop is None
+    assert resumed[0] == (failed.load.kind, failed.load.level), "the failed probe's load is measured first, again"
+    finished = [(r.load.kind, r.load.level) for r in written if r.abort is None]
+    assert not set(resumed) & set(finished), "finished probes are reused"
+    indices = [r.probe_index for r in read_records(out)]
+    assert indices == sorted(set(indices)), "probe indices stay unique"
+    assert again.closed["Mock"].kind == "found" and again.closed["Mock"].level == math.floor(TRUE_CAPACITY)
