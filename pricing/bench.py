@@ -30,7 +30,7 @@ from pricing.serving.server import (
     ServerStartError,
     VllmServer,
     attach,
-    diagnose,
+    exit_cause,
     last_error_line,
     sigterm_as_exit,
 )
@@ -180,7 +180,7 @@ def _server_failure(outcome: SweepOutcome, server: VllmServer, out: Path) -> tup
     returncode = server.process.poll()
     tail = server.log_tail()
     if returncode is not None:
-        cause = diagnose(server.log_tail(DIAGNOSE_LINES), returncode)
+        cause = exit_cause(server.log_tail(DIAGNOSE_LINES), returncode)
         return f"{what}; vLLM {cause} (log: {server.log_path}). {todo}", tail
     error = last_error_line(server.log_tail(DIAGNOSE_LINES))
     return f"{what}; vLLM is still running{f', last error: {error}' if error else ''} (log: {server.log_path}). {todo}", tail

@@ -111,7 +111,7 @@ def test_a_server_bench_started_that_died_is_named_with_its_cause_and_log_tail(t
         server.process.wait(timeout=10)
         line, tail = _server_failure(outcome, server, tmp_path / "out.jsonl")
     assert line.startswith(f"server {server.base_url}: probe #0 (closed decode, load 1): it completed no request; ")
-    assert "killed (SIGKILL)" in line and f"(log: {server.log_path})" in line and "rerun the same command" in line
+    assert "vLLM was killed (SIGKILL" in line and f"(log: {server.log_path})" in line and "rerun the same command" in line
     assert "\n" not in line and any("fake vLLM starting" in t for t in tail)
 
 

@@ -52,4 +52,4 @@ def test_vllm_cpu_server_bench_started_killed_mid_probe(vllm_lock, tmp_path):
     result = fault_drill.drill_vllm(tmp_path, max_detect_s=MAX_DETECT_S, max_rss_mb=MAX_RSS_MB)
     print(_report(result))
     assert not result.problems, result.problems
-    assert "killed (SIGKILL)" in result.error_line and "(log: " in result.error_line
+    assert "vLLM was killed (SIGKILL" in result.error_line and "(log: " in result.error_line
