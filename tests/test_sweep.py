@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from pricing.capacity.search import SearchParams
-from pricing.capacity.sweep import SweepSpec, run_sweep
+from pricing.capacity.sweep import SweepSpec, capacities, run_sweep
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.measure.probe import run_probe
 from pricing.measure.requests import requests_path
@@ -122,6 +122,21 @@ async def test_text_prompt_sweep_is_its_own_sweep_and_sends_text(mock_server, tm
     assert any(h.startswith("t") for h in heads) and any(h[:1].isdigit() for h in heads)  # /detokenize text, then ids
 
 
+def _starved(records) -> str | None:
+    """Why these probes did not get the latency the mock models (TPOT 5 ms + 0.6 ms x streams,
+    TTFT 5 ms), or None. A host whose cores another job takes (a vLLM test beside this one on 2
+    cores) stalls the mock for up to seconds: a probe at 7 streams measured TPOT p90 200 ms."""
+    for r in records:
+        if r.load.kind != "decode" or r.abort is not None:
+            continue
+        modelled = LATENCY.tpot_base_s + LATENCY.tpot_per_seq_s * r.load.level
+        tpot, ttft = r.stats.tpot_s.p90, r.stats.ttft_s.p90
+        if (tpot is not None and tpot > 1.25 * modelled) or (ttft is not None and ttft > 0.1):
+            return (f"probe #{r.probe_index} at {r.load.level:g} streams: TPOT p90 {tpot} s (modelled "
+                    f"{modelled:.4f} s), TTFT p90 {ttft} s")
+    return None
+
+
 def _losing_server_at(real, call: int, kind: str = "decode"):
     """A prober whose `call`-th probe of `kind` loses the server (as load.server_watch reports it)."""
     calls: list[tuple[str, float]] = []
@@ -150,7 +165,11 @@ async def test_a_probe_that_lost_the_server_stops_the_sweep_and_is_measured_agai
     written = read_records(out)
     assert written[-1] == failed and len(written) == len(calls)  # recorded, with its cause, and the sweep stopped
     assert failed not in outcome.records  # nothing about latency is read from it
-    assert outcome.closed["Mock"].kind != "found" or kind == "prefill"
+    # The capacity so far is read from the finished decode probes alone: the failed one counts for nothing.
+    finished_decode = [r for r in written if r.abort is None and r.load.kind == "decode"]
+    assert outcome.closed == capacities(finished_decode, [TIER], "closed")
+    decode_calls = sum(k == "decode" for k, _ in calls)
+    assert outcome.closed["Mock"].probes == len(finished_decode) == decode_calls - (kind == "decode")
 
     resumed = []
 
@@ -165,4 +184,10 @@ async def test_a_probe_that_lost_the_server_stops_the_sweep_and_is_measured_agai
     assert not set(resumed) & set(finished), "finished probes are reused"
     indices = [r.probe_index for r in read_records(out)]
     assert indices == sorted(set(indices)), "probe indices stay unique"
-    assert again.closed["Mock"].kind == "found" and again.closed["Mock"].level == math.floor(TRUE_CAPACITY)
+    assert again.closed["Mock"].kind == "found"
+    # The resumed sweep lands where an unbroken one does (test above), when the mock's latency
+    # was what it models; a starved host moves the crossing, which is no fault of the resume.
+    if (starved := _starved(read_records(out))) is not None:
+        pytest.skip(f"host starved of CPU, the mock's latency was not its model ({starved}); resume checked, "
+                    "capacity not")
+    assert again.closed["Mock"].level == math.floor(TRUE_CAPACITY), again.closed["Mock"]
