@@ -14,7 +14,7 @@ from rich.table import Table
 
 from pricing.capacity.search import SearchParams
 from pricing.capacity.sweep import SweepOutcome, SweepSpec, run_sweep
-from pricing.errors import InputError
+from pricing.errors import EXIT_INPUT_ERROR, EXIT_SERVER_FAILED, InputError
 from pricing.load import event_loop as aio
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.measure.probe import ProbeResult, measured_probe
@@ -25,10 +25,13 @@ from pricing.report.progress import ProbeProgress
 from pricing.schema import DeploymentConfig, LoadSpec
 from pricing.serving.prepare import detect_gpu, prepare_model
 from pricing.serving.server import (
+    DIAGNOSE_LINES,
     ServerSpec,
     ServerStartError,
     VllmServer,
     attach,
+    exit_cause,
+    last_error_line,
     sigterm_as_exit,
 )
 from pricing.serving.shapes import SHAPES
@@ -68,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    "fewest whose p90 has a 95%% upper bound)")
     p.add_argument("--max-probe-s", type=float, default=300.0, help="a probe whose window has not filled by then "
                    "fails; one that is still undecided then stops undecided")
+    p.add_argument("--server-stall-s", type=float, default=10.0, help="stop with an error when requests are in flight "
+                   "and the server sends not a byte for this long (hung); raise it for single prefills longer than that")
     p.add_argument("--start", type=float, default=1.0, help="first load level")
     p.add_argument("--max-level", type=float, default=1024.0, help="highest load level tried")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill-only probes of the price split")
@@ -129,7 +134,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
         pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)
         plan = ProbePlan(min_window_s=args.min_window_s, window_e2e_multiple=args.window_e2e,
-                         min_requests=args.min_requests, max_duration_s=args.max_probe_s)
+                         min_requests=args.min_requests, max_duration_s=args.max_probe_s,
+                         server_stall_s=args.server_stall_s)
         summary = profile.summary(seed=args.seed, max_model_len=max_len)
         sweep = SweepSpec(
             config=config, profile=summary, tiers=tiers,
@@ -148,8 +154,36 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
         with progress:
             outcome = aio.run(run_sweep(sweep, probe, out, events=progress))
+        # While the `with` still holds a server bench started: whether it exited, and its log.
+        failure = _server_failure(outcome, server, out) if outcome.stop == "server_failed" else None
     _print_outcome(console, outcome, tiers, out)
-    return 1 if outcome.stop == "server_failed" else 0
+    if failure is None:
+        return 0
+    line, log_tail = failure
+    for log_line in log_tail:
+        console.print(f"  [dim]{log_line}[/dim]", highlight=False, markup=False)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return EXIT_SERVER_FAILED
+
+
+def _server_failure(outcome: SweepOutcome, server: VllmServer, out: Path) -> tuple[str, list[str]]:
+    """One line saying which server failed, how, and what to do; and, for a server bench
+    started, the end of its log (shown above the line)."""
+    what = outcome.stopped or "a probe lost the server"
+    if server.base_url not in what:
+        what = f"server {server.base_url}: {what}"
+    kept = len(outcome.records)
+    todo = (f"{kept} finished probe(s) kept in {out}; rerun the same command to resume once the server is back "
+            "(the failed probe is measured again)")
+    if server.process is None:  # attached with --url
+        return f"{what}. {todo}", []
+    returncode = server.process.poll()
+    tail = server.log_tail()
+    if returncode is not None:
+        cause = exit_cause(server.log_tail(DIAGNOSE_LINES), returncode)
+        return f"{what}; vLLM {cause} (log: {server.log_path}). {todo}", tail
+    error = last_error_line(server.log_tail(DIAGNOSE_LINES))
+    return f"{what}; vLLM is still running{f', last error: {error}' if error else ''} (log: {server.log_path}). {todo}", tail
 
 
 @contextlib.contextmanager
@@ -179,7 +213,8 @@ def _print_outcome(console: Console, outcome: SweepOutcome, tiers, out: Path) ->
     for warning in outcome.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     new = outcome.probes_run + outcome.open_probes_run
-    console.print(f"{new} new probe(s) appended to {out}" + (f"; stopped: {outcome.stopped}" if outcome.stopped else ""))
+    stopped = f"; stopped: {outcome.stopped}" if outcome.stopped and outcome.stop != "server_failed" else ""
+    console.print(f"{new} new probe(s) appended to {out}{stopped}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.log_tail:
             console.print(f"  [dim]{line}[/dim]", highlight=False)
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_SERVER_FAILED
     except (ValueError, FileNotFoundError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished probes are saved; rerun the same command to resume")
         return 130

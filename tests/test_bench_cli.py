@@ -87,3 +87,49 @@ def test_a_tokenizer_that_does_not_load_is_one_clear_error_before_any_server(cap
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --tokenizer {tmp_path / 'nope'}: cannot load it"), err
+
+
+def test_a_server_bench_started_that_died_is_named_with_its_cause_and_log_tail(tmp_path):
+    """The one line for a server bench started: its URL, the probe's cause, how vLLM ended (from
+    its log and exit code) and the log's path; the log's tail is printed above it."""
+    import signal
+
+    from test_server import FAKE_SERVER
+
+    from pricing.bench import _server_failure
+    from pricing.capacity.sweep import SweepOutcome
+    from pricing.serving.server import ServerSpec, VllmServer
+
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_SERVER)
+    server = VllmServer(ServerSpec(model="org/fake-model", served_model_name="fake"), log_path=tmp_path / "server.log",
+                        launcher=(sys.executable, str(script)), poll_interval_s=0.05, startup_timeout_s=20)
+    outcome = SweepOutcome(closed={}, open={}, records=[], probes_run=1, stop="server_failed",
+                           stopped="probe #0 (closed decode, load 1): it completed no request")
+    with server:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        line, tail = _server_failure(outcome, server, tmp_path / "out.jsonl")
+    assert line.startswith(f"server {server.base_url}: probe #0 (closed decode, load 1): it completed no request; ")
+    assert "vLLM was killed (SIGKILL" in line and f"(log: {server.log_path})" in line and "rerun the same command" in line
+    assert "\n" not in line and any("fake vLLM starting" in t for t in tail)
+
+
+def test_a_probe_that_lost_the_server_is_printed_with_its_cause_as_text():
+    """The cause is in brackets, which rich would read as markup and drop."""
+    import io
+
+    from rich.console import Console
+
+    from pricing.load.client import ProbePlan
+    from pricing.report.progress import ProbeProgress
+    from pricing.schema import ProbeRecord
+
+    line = (Path(__file__).parent / "fixtures" / "pricing_probes.jsonl").read_text().splitlines()[0]
+    record = ProbeRecord.model_validate_json(line).model_copy(update={
+        "abort": "server_unreachable", "note": "server http://127.0.0.1:9 unreachable: connection refused"})
+    text = io.StringIO()
+    with ProbeProgress(Console(file=text, width=300), ProbePlan()) as progress:
+        progress.probe_finished(record, reused=False)
+    shown = text.getvalue()
+    assert "passes: not judged (the server failed) [server http://127.0.0.1:9 unreachable: connection refused]" in shown

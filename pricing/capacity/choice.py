@@ -13,7 +13,7 @@ from pricing.measure.requests import cohort
 from pricing.measure.slo import Figures, slo_verdicts, stored_figures
 from pricing.measure.window import latency_at
 from pricing.results import SourcedProbe, Warn
-from pricing.schema import STORED_PERCENTILES, ProbeRecord, SloTier
+from pricing.schema import SERVER_ABORTS, STORED_PERCENTILES, ProbeRecord, SloTier
 from pricing.units import fmt_ms, fmt_s
 
 LoadMode = Literal["closed", "open"]
@@ -40,9 +40,10 @@ def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -
 
 
 def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> Point | None:
-    """What one decode probe says about a tier (None: it says nothing, the server was failing)."""
+    """What one decode probe says about a tier (None: it says nothing, the server failed, went
+    away or hung during it)."""
     rec: ProbeRecord = probe.record
-    if rec.abort == "server_failing":
+    if rec.abort in SERVER_ABORTS:
         return None
     stats = rec.stats
     rate = stats.request_rate_rps

@@ -5,8 +5,10 @@ prefill-only probe (max_tokens=1) per closed-loop capacity gives the input-token
 split needs; then an open-loop search (Poisson arrivals, request rate) starts at each tier's
 closed-loop capacity rate, which is its confirmation, and resolves the capacity a service with
 independent arrivals has. Probes already in the results file (same config, profile, prompt kind
-and schema) are reused, so a rerun after a crash continues where the last one stopped. Each
-probe's per-request records go to the `.requests.jsonl` file beside the results, before its line.
+and schema) are reused, so a rerun after a crash continues where the last one stopped; a probe
+that stopped because the server failed, went away or hung (schema.SERVER_ABORTS) stays in the
+file as what happened, but is measured again. Such a probe stops the sweep ("server_failed").
+Each probe's per-request records go to the `.requests.jsonl` file beside the results, before its line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pricing.measure.slo import meets
 from pricing.results import SourcedProbe, append_record, read_records, repair_torn_tail
 from pricing.schema import (
     SCHEMA_VERSION,
+    SERVER_ABORTS,
     DeploymentConfig,
     LoadSpec,
     ProbeRecord,
@@ -77,7 +80,8 @@ class _Silent:
         pass
 
 
-# budget: a step's probe budget was spent (rerun to continue); server_failed: a probe completed no request.
+# budget: a step's probe budget was spent (rerun to continue); server_failed: the server failed,
+# went away or hung during a probe (or a probe completed no request).
 StopKind = Literal["budget", "server_failed"]
 
 
@@ -89,6 +93,7 @@ class SweepOutcome(BaseModel):
     open_probes_run: int = 0
     stop: StopKind | None = None  # why the sweep stopped early, if it did
     stopped: str | None = None  # the same, for people
+    failed_probe: ProbeRecord | None = None  # the probe that stopped it with server_failed
     warnings: list[str] = Field(default_factory=list)  # e.g. Poisson arrivals at a closed-loop capacity fail
 
 
@@ -103,6 +108,15 @@ def _same_sweep(rec: ProbeRecord, spec: SweepSpec) -> bool:
                  else rec.load.burstiness == spec.burstiness)
     return (rec.config.key == spec.config.key and rec.profile.name == spec.profile.name
             and rec.load.prompts == spec.prompts and rec.schema_version == SCHEMA_VERSION and same_load)
+
+
+def server_failure(record: ProbeRecord) -> str | None:
+    """Why this probe says the server failed (None: it measured the server)."""
+    if record.abort in SERVER_ABORTS:
+        return record.note or record.abort
+    if record.load.kind == "decode" and record.stats.completed == 0 and record.abort != "window_not_filled":
+        return f"it completed no request{f': {record.note}' if record.note else ''}"
+    return None
 
 
 def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult, requests_file: str | None
@@ -151,8 +165,11 @@ class _Run:
     def __init__(self, spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents) -> None:
         self.spec, self.probe, self.out_path, self.events = spec, probe, out_path, events
         repair_torn_tail(out_path)
-        self.records = [r for r in read_records(out_path) if _same_sweep(r, spec)]
-        self.next_index = max((r.probe_index for r in self.records), default=-1) + 1
+        mine = [r for r in read_records(out_path) if _same_sweep(r, spec)]
+        # A probe the server's failure cut short measured nothing: its load is probed again.
+        self.records = [r for r in mine if server_failure(r) is None]
+        self.next_index = max((r.probe_index for r in mine), default=-1) + 1
+        self.failed: ProbeRecord | None = None  # the probe during which the server failed
         for rec in self.records:
             events.probe_finished(rec, reused=True)
 
@@ -171,10 +188,21 @@ class _Run:
             requests_file = sidecar.name
         record = _to_record(self.spec, self.next_index, load, result, requests_file)
         append_record(self.out_path, record)
-        self.records.append(record)
         self.next_index += 1
         self.events.probe_finished(record, reused=False)
+        if server_failure(record) is None:
+            self.records.append(record)
+        elif self.failed is None:
+            self.failed = record
         return record
+
+    def server_stop(self) -> tuple[StopKind, str] | None:
+        """The sweep's stop once a probe found the server failed."""
+        if self.failed is None:
+            return None
+        load = self.failed.load
+        return "server_failed", (f"probe #{self.failed.probe_index} ({load.mode} {load.kind}, load {load.level:g}): "
+                                 f"{server_failure(self.failed)}")
 
     async def search(self, mode: Mode, params: SearchParams, budget: int,
                      first: dict[str, float] | None = None) -> tuple[int, StopKind | None, str | None]:
@@ -201,10 +229,10 @@ class _Run:
                 return run, None, None
             if run >= budget:
                 return run, "budget", f"{mode}-loop probe budget of {budget} spent; rerun to continue"
-            record = await self.measure(mode, level, "decode")
+            await self.measure(mode, level, "decode")
             run += 1
-            if record.stats.completed == 0 and record.abort != "window_not_filled":
-                return run, "server_failed", f"probe at {mode} load {level:g} completed no request: {record.note}"
+            if (stop := self.server_stop()) is not None:
+                return run, *stop
 
 
 async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents | None = None) -> SweepOutcome:
@@ -223,15 +251,20 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
             for level in sorted({c.level for c in closed.values() if c.kind == "found" and c.level}):
                 if level not in state.levels("closed", "prefill"):
                     await state.measure("closed", level, "prefill")
+                    if (server_stop := state.server_stop()) is not None:
+                        stop, stopped = server_stop
+                        break
         rates = {name: c.rate_rps for name, c in closed.items() if c.kind == "found" and c.rate_rps}
-        if spec.open_loop and rates and spec.max_open_probes > 0:
+        if spec.open_loop and rates and spec.max_open_probes > 0 and stop != "server_failed":
             params = _open_params(spec, list(rates.values()), state.records)
             open_run, open_stop, open_stopped = await state.search("open", params, spec.max_open_probes, first=rates)
-            stop, stopped = stop or open_stop, stopped or open_stopped
+            if open_stop is not None and (stop is None or open_stop == "server_failed"):
+                stop, stopped = open_stop, open_stopped
             warnings += _confirmation_warnings(state.records, spec.tiers, rates)
     return SweepOutcome(closed=capacities(state.records, spec.tiers, "closed"),
                         open=capacities(state.records, spec.tiers, "open"), records=state.records,
-                        probes_run=run, open_probes_run=open_run, stop=stop, stopped=stopped, warnings=warnings)
+                        probes_run=run, open_probes_run=open_run, stop=stop, stopped=stopped, warnings=warnings,
+                        failed_probe=state.failed)
 
 
 def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], rates: dict[str, float]

@@ -7,6 +7,7 @@ are kept; SSE events are split and parsed after the stream ends (`sse.py`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ import aiohttp
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from pricing.load.read_stamps import ReadLog, stamped_connector
+from pricing.load.read_stamps import ReadLog, reports_reads, stamped_connector
+from pricing.load.server_watch import ServerWatch, backoff_s, describe, error_kind, is_connection_error
 from pricing.load.sse import parse_stream
 from pricing.schema import (
     CANCELLED,
@@ -42,8 +44,11 @@ class ClientConfig(BaseModel):
     prompt_format: Literal["token_ids", "text"] = "token_ids"  # for completions; chat sends text
     tokenizer: str | None = None  # local tokenizer for text prompts; without one, the server's /detokenize
     api_key: SecretStr | None = None  # SecretStr: never printed or dumped in clear
-    request_timeout_s: float = Field(default=600.0, gt=0)
-    stall_timeout_s: float = Field(default=60.0, gt=0)  # no bytes for this long -> "timeout"
+    # A request is given up as "timeout" when the server sends no byte for stall_timeout_s (its
+    # first token queued that long fails every tier anyway), or after request_timeout_s in all
+    # (a probe runs 300 s at most by default: a request longer than that is cut at its end anyway).
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    stall_timeout_s: float = Field(default=30.0, gt=0)
     vocab_size: int = Field(default=32000, ge=16)
     seed: int = 0
 
@@ -75,6 +80,16 @@ class ProbePlan(Strict):
     ramp_up_s: float = Field(default=0.0, ge=0)
     # Give up early when this many requests failed and none succeeded (server down).
     fail_fast_after: int = Field(default=20, ge=1)
+    # Stop the probe when the server is gone: connections refused or reset, in a row, and nothing
+    # received for this long (load.server_watch).
+    unreachable_after_s: float = Field(default=3.0, gt=0)
+    # Stop the probe when the server is hung: requests in flight and not a byte from it, on any
+    # of them, for this long. A busy server still streams to the requests it runs; only a single
+    # engine step (a huge prefill) longer than this would look hung.
+    server_stall_s: float = Field(default=10.0, gt=0)
+    # Failed requests beyond this many are counted (per error kind), not kept: a server failing
+    # every request at once must not fill memory with records.
+    max_kept_failures: int = Field(default=1000, ge=0)
 
 
 # Called at most every STOP_RULE_EVERY_S once the window is long enough: (records so far, window
@@ -96,6 +111,8 @@ class LoadRun:
     abort: AbortKind | None = None  # the same, for code
     prompt_wait_s: float | None = None  # mean wait per in-window request for its prompt (None: none taken)
     undecided_at_cap: bool = False  # the stop rule never said decided before max_duration_s
+    # Failed requests started in the window that were counted, not kept (ProbePlan.max_kept_failures).
+    dropped_failures: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +120,7 @@ class _RunState:
     plan: ProbePlan
     load: LoadSpec
     on_record: OnRecord | None
+    watch: ServerWatch
     records: list[RequestRecord] = field(default_factory=list)
     window_start_ns: int | None = None
     window_end_ns: int | None = None
@@ -118,22 +136,40 @@ class _RunState:
     undecided_at_cap: bool = False
     prompt_wait_ns: int = 0  # in the window, summed over requests: time spent waiting for a prompt
     prompts_taken: int = 0  # in the window
+    dropped_failures: dict[str, int] = field(default_factory=dict)  # in the window, by kind, not kept
 
     def add(self, rec: RequestRecord) -> None:
-        self.records.append(rec)
+        self.watch.finished(rec)
+        failed = not rec.ok and rec.error != CANCELLED
+        if failed:
+            self.fail_count += 1
+        if failed and self.fail_count > self.plan.max_kept_failures:
+            if self._in_window(rec.start_ns):
+                self.dropped_failures[rec.error] = self.dropped_failures.get(rec.error, 0) + 1  # type: ignore[index]
+        else:
+            self.records.append(rec)
         if rec.ok:
             self.ok_count += 1
             # Anything added before the window opened also started before it: no recount needed.
             if self.window_start_ns is not None and rec.start_ns >= self.window_start_ns:
                 self.window_completions += 1
-        elif rec.error != CANCELLED:
-            self.fail_count += 1
-            if self.ok_count == 0 and self.fail_count >= self.plan.fail_fast_after:
+        elif failed and self.ok_count == 0 and self.fail_count >= self.plan.fail_fast_after:
+            if is_connection_error(rec.error):
+                self.abort = "server_unreachable"
+                self.aborted = (f"server {self.watch.url} unreachable: {self.watch.cause()} (its first "
+                                f"{self.fail_count} requests failed); is the server running?")
+            else:
                 self.abort = "server_failing"
-                self.aborted = f"first {self.fail_count} requests failed ({rec.error}); is the server healthy?"
-                self.stop.set()
+                self.aborted = (f"first {self.fail_count} requests to {self.watch.url} failed ({rec.error}); "
+                                "is the server healthy?")
+            self.stop.set()
         if self.on_record is not None:
             self.on_record(rec)
+
+    def _in_window(self, start_ns: int) -> bool:
+        """Started in the window (measure.requests.cohort counts such failures)."""
+        w0, w1 = self.window_start_ns, self.window_end_ns
+        return w0 is not None and start_ns >= w0 and (w1 is None or start_ns <= w1)
 
     def open_window(self, now_ns: int) -> None:
         """Warm-up is over: the window's length follows from how long warm-up requests took."""
@@ -203,8 +239,10 @@ async def send_request(
     isl: int,
     osl: int,
     clock: Callable[[], int] = time.perf_counter_ns,
+    causes: dict[str, str] | None = None,
 ) -> RequestRecord:
-    """Send one streaming request; errors become the record's `error` kind, never exceptions."""
+    """Send one streaming request; errors become the record's `error` kind, never exceptions.
+    `causes`, when given, gets the failure's description under its kind ("connection refused")."""
     url = f"{cfg.base_url.rstrip('/')}/v1/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
     body = _request_body(cfg, prompt, osl)
     reads_ns: list[int] = []
@@ -233,14 +271,10 @@ async def send_request(
                         reads.append(data)
     except asyncio.CancelledError:
         error = CANCELLED
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-        error = "timeout"
-    except aiohttp.ClientConnectorError:
-        error = "connect"
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-        error = "disconnect"
-    except aiohttp.ClientError as exc:
-        error = f"client_{type(exc).__name__}"
+    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        error = error_kind(exc)
+        if causes is not None:
+            causes[error] = describe(exc)
     end_ns = clock()
     parsed = parse_stream(reads_ns, reads, chat=cfg.endpoint == "chat")
     if error is None and parsed.error:
@@ -275,6 +309,10 @@ async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: Sto
     last_rule_ns, opened, tail_end_ns = 0, False, 0
     while not state.stop.is_set():
         now = clock()
+        if (gone := state.watch.verdict(now)) is not None:
+            state.abort, state.aborted = gone
+            state.stop.set()
+            return
         w0 = state.window_start_ns
         if w0 is not None and not opened:
             opened = True
@@ -329,7 +367,9 @@ async def drive_load(
     first request completes, i.e. the pipeline is full). The drain starts when issuing stops;
     requests still in flight then are cancelled and recorded as "cancelled", not as errors.
     """
-    state = _RunState(plan=plan or ProbePlan(), load=load, on_record=on_record)
+    plan = plan or ProbePlan()
+    watch = ServerWatch(cfg.base_url, plan.unreachable_after_s, plan.server_stall_s)
+    state = _RunState(plan=plan, load=load, on_record=on_record, watch=watch)
     with PromptFactory(cfg) as prompts:  # new token ids every probe: nothing for the prefix cache
         return await _drive(cfg, load, pairs, state, prompts, clock, stop_rule, mark)
 
@@ -337,7 +377,10 @@ async def drive_load(
 async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clock, stop_rule, mark) -> LoadRun:
     limit = load.concurrency or 0
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
-    connector = stamped_connector(clock, limit=limit, limit_per_host=limit)
+    watch = state.watch
+    connector = stamped_connector(clock, on_read=watch.read, limit=limit, limit_per_host=limit)
+    watch.reads_reported = reports_reads(connector)
+    tokens = itertools.count()
     # read_bufsize: a stream is read once, when it ends, so its buffer must hold a whole reply
     # (aiohttp stops reading a socket whose buffer passes twice this).
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[sent_stamp_trace(clock)],
@@ -352,15 +395,19 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
                 state.prompt_wait_ns += clock() - asked_ns
                 state.prompts_taken += 1
             osl = 1 if load.kind == "prefill" else max(1, round(osl * osl_fraction))
-            if isinstance(prompt, aiohttp.ClientError):
-                return _failed_before_send(isl, osl, f"prompt_{type(prompt).__name__}", clock)
+            if isinstance(prompt, (aiohttp.ClientError, asyncio.TimeoutError)):
+                kind = f"prompt_{error_kind(prompt)}"  # the server's /detokenize failed
+                watch.causes[kind] = describe(prompt)
+                return _failed_before_send(isl, osl, kind, clock)
             if isinstance(prompt, Exception):
                 raise prompt
             state.in_flight += 1
-            sent_ns = clock()
+            sent_ns, token = clock(), next(tokens)
+            watch.sent(token, sent_ns)
             try:
-                return await send_request(session, cfg, prompt, isl, osl, clock)
+                return await send_request(session, cfg, prompt, isl, osl, clock, watch.causes)
             finally:
+                watch.done(token)
                 state.in_flight -= 1
                 if state.window_end_ns is not None and sent_ns <= state.window_end_ns:
                     state.tail_pending -= 1
@@ -375,12 +422,30 @@ async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clo
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if state.abort is None and watch.streak > 0 and not await _answers(session, cfg.base_url):
+            # The server died as the probe ended (its last requests' connections failed): the
+            # window's figures hold failures it caused, so the probe is measured again on resume.
+            state.abort = "server_unreachable"
+            state.aborted = (f"server {cfg.base_url} unreachable: the probe's last requests failed "
+                             f"({watch.cause()}) and it does not answer")
 
     w0 = state.window_start_ns if state.window_start_ns is not None else drain_ns
     w1 = state.window_end_ns if state.window_end_ns is not None else drain_ns
     wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9 if state.prompts_taken else None
     return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, w1, state.aborted, state.abort, wait_s,
-                   state.undecided_at_cap)
+                   state.undecided_at_cap, dict(state.dropped_failures))
+
+
+ALIVE_CHECK_S = 2.0
+
+
+async def _answers(session: aiohttp.ClientSession, base_url: str) -> bool:
+    """Whether anything answers HTTP at `base_url` (any status: a 404 is a live server)."""
+    try:
+        async with session.get(f"{base_url.rstrip('/')}/health", timeout=aiohttp.ClientTimeout(total=ALIVE_CHECK_S)):
+            return True
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False
 
 
 def _failed_before_send(isl: int, osl: int, error: str, clock: Callable[[], int]) -> RequestRecord:
@@ -407,6 +472,7 @@ def _start_closed_loop(state: _RunState, send_next, seed: int) -> list[asyncio.T
 
     async def worker(slot: int) -> None:
         rng = np.random.default_rng((seed, slot))
+        failures = 0  # in a row: a failing server gets a growing pause, not a hot loop
         if state.plan.ramp_up_s:
             await asyncio.sleep(state.plan.ramp_up_s * slot / n)
         while not state.stop.is_set():
@@ -415,12 +481,15 @@ def _start_closed_loop(state: _RunState, send_next, seed: int) -> list[asyncio.T
             # queue together), far from the steady state. First requests end before the window opens.
             rec = await send_next((slot + 1) / n if first_done[slot] is None else 1.0)
             state.add(rec)
+            if rec.error == CANCELLED:  # the drain: a window opened now would start after it
+                return
             if first_done[slot] is None:
                 first_done[slot] = rec.end_ns
                 if all(t is not None for t in first_done):
                     state.open_window(max(first_done))  # type: ignore[type-var]
-            if rec.error == CANCELLED:
-                return
+            failures = 0 if rec.ok else failures + 1
+            if failures:
+                await asyncio.sleep(backoff_s(failures))
             if think_s > 0:  # a user reading the answer before the next question
                 await asyncio.sleep(think_time_s(rng, think_s))
 

@@ -35,6 +35,7 @@ from pricing.measure.telemetry import (
 )
 from pricing.measure.window import latency_at, window_stats
 from pricing.schema import (
+    SERVER_ABORTS,
     AbortKind,
     EnergyStats,
     LoadSpec,
@@ -117,11 +118,25 @@ def offered_rate(stats: WindowStats, load: LoadSpec) -> WindowStats:
         "rate_source": "offered"})
 
 
+def with_dropped_failures(stats: WindowStats, dropped: dict[str, int]) -> WindowStats:
+    """The window's error counts with the failed requests the client counted but did not keep
+    (ProbePlan.max_kept_failures): they were issued in the window and failed."""
+    if not dropped:
+        return stats
+    extra = sum(dropped.values())
+    by_kind = dict(stats.errors_by_kind)
+    for kind, n in dropped.items():
+        by_kind[kind] = by_kind.get(kind, 0) + n
+    return stats.model_copy(update={"failed": stats.failed + extra, "errors_by_kind": by_kind,
+                                    "issued": (stats.issued or 0) + extra})
+
+
 def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: LoadSpec | None = None
                 ) -> ProbeResult:
     """The window statistics of what the client recorded."""
     table = table_from_records(run.records, run.window_start_ns, run.window_end_ns)
-    stats = window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table)
+    stats = with_dropped_failures(window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table),
+                                  run.dropped_failures)
     if load is not None:
         stats = offered_rate(stats, load)
     warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
@@ -208,12 +223,15 @@ async def measured_probe(
         telemetry = ProbeTelemetry(session, cfg.base_url, meter)
         t0_ns = time.perf_counter_ns()
         await telemetry.start()
+        result: ProbeResult | None = None
         try:
             with paused_gc():
                 result = await run_probe(cfg, load, pairs, plan, on_record=on_record, tiers=tiers, lengths=lengths,
                                          mark=telemetry.mark)
         finally:
-            tele = await telemetry.stop()
+            # A probe that lost its server gets no last scrape: a hung server would hold it for
+            # the scrape's timeout, and its metrics describe nothing measured.
+            tele = await telemetry.stop(final_scrape=result is not None and result.abort not in SERVER_ABORTS)
     result.server_metrics = tele.server_metrics
     result.energy = window_energy(tele, t0_ns, result.window_start_ns, result.window_end_ns)
     if (warning := server_ttft_warning(result.stats, tele.server_metrics)) is not None:

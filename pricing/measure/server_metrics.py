@@ -211,18 +211,21 @@ def summarize_probe(
 
 
 async def scrape(
-    session: aiohttp.ClientSession, metrics_url: str, timeout_s: float = 5.0
+    session: aiohttp.ClientSession, metrics_url: str, timeout_s: float = 5.0, warn: bool = True
 ) -> MetricsSnapshot | None:
-    """GET and parse `/metrics`; None (with a warning) on any failure, never raises into the probe."""
+    """GET and parse `/metrics`; None (with a warning unless `warn` is False) on any failure,
+    never raises into the probe."""
     try:
         async with session.get(metrics_url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
-                log.warning("GET %s: HTTP %d; server metrics not scraped", metrics_url, resp.status)
+                if warn:
+                    log.warning("GET %s: HTTP %d; server metrics not scraped", metrics_url, resp.status)
                 return None
             text = await resp.text()
         snap = parse_metrics(text, t_ns=time.perf_counter_ns())
     except Exception as exc:  # noqa: BLE001 - connection, timeout, malformed text: all mean 'not scraped'
-        log.warning("GET %s failed (%s: %s); server metrics not scraped", metrics_url, type(exc).__name__, exc)
+        if warn:
+            log.warning("GET %s failed (%s: %s); server metrics not scraped", metrics_url, type(exc).__name__, exc)
         return None
     if not snap.names() & {n for _, names, _ in HISTOGRAMS for n in names}:
         log.warning("%s has no vLLM latency histograms; server metrics not scraped", metrics_url)
@@ -251,11 +254,14 @@ class ServerMetricsProbe:
             self._marks[label] = asyncio.create_task(scrape(self._session, self.metrics_url))
 
     async def _poll(self) -> None:
+        warn = True  # once per probe: a server that went away would otherwise add a line a second
         while True:
             await asyncio.sleep(self.interval_s)
-            snap = await scrape(self._session, self.metrics_url)
+            snap = await scrape(self._session, self.metrics_url, warn=warn)
             if snap is not None:
                 self._during.append(snap)
+            else:
+                warn = False
 
     async def start(self) -> None:
         self._during = []
@@ -263,7 +269,8 @@ class ServerMetricsProbe:
         if self._before is not None and self.interval_s > 0:
             self._task = asyncio.create_task(self._poll())
 
-    async def stop(self) -> dict[str, float] | None:
+    async def stop(self, final_scrape: bool = True) -> dict[str, float] | None:
+        """The probe's metrics; with `final_scrape` False (the server is gone or hung) none, at once."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -271,7 +278,10 @@ class ServerMetricsProbe:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self._before is None:
+        if self._before is None or not final_scrape:
+            for task in self._marks.values():
+                task.cancel()
+            self._marks = {}
             return None
         after = await scrape(self._session, self.metrics_url)
         marks = {label: await task for label, task in self._marks.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -12,7 +13,7 @@ from rich.progress import (
 )
 
 from pricing.load.client import ProbePlan
-from pricing.schema import LoadSpec, ProbeRecord, RequestRecord
+from pricing.schema import SERVER_ABORTS, LoadSpec, ProbeRecord, RequestRecord
 
 
 def describe_load(load: LoadSpec) -> str:
@@ -24,7 +25,7 @@ def describe_probe(rec: ProbeRecord) -> str:
     s = rec.stats
     ttft = f"{s.ttft_s.p90 * 1e3:.0f} ms" if s.ttft_s.p90 is not None else "-"
     tpot = f"{s.tpot_s.p90 * 1e3:.1f} ms" if s.tpot_s.p90 is not None else "-"
-    passed = ", ".join(rec.tiers_passed) or "none"
+    passed = "not judged (the server failed)" if rec.abort in SERVER_ABORTS else ", ".join(rec.tiers_passed) or "none"
     return (
         f"#{rec.probe_index} {describe_load(rec.load)}: {s.request_rate_rps:.2f} req/s, "
         f"{s.output_tok_s:.0f} out tok/s, p90 TTFT {ttft}, p90 TPOT {tpot}, errors {s.failed}; passes: {passed}"
@@ -77,4 +78,5 @@ class ProbeProgress:
             self.progress.remove_task(self._task)
             self._task = None
         prefix = "[dim]reused[/dim] " if reused else ""
-        self.progress.console.print(prefix + describe_probe(record), highlight=False)
+        # Escaped: a note such as "[server ... unreachable: ...]" is text, not rich markup.
+        self.progress.console.print(prefix + escape(describe_probe(record)), highlight=False)

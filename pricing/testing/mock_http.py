@@ -24,7 +24,7 @@ from pricing.load import kernel_stamps
 
 ns = time.perf_counter_ns
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 503: "Service Unavailable"}
 MAX_BODY = 64 * 2**20
 
 

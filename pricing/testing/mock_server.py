@@ -3,7 +3,8 @@
 TTFT = queueing for a batch slot + ttft_base + prefill(ISL) x (1 + prefill_batch_factor x running);
 TPOT = tpot_base + tpot_per_seq x running. Or, with `engine` set, every request goes through one
 simulated continuous-batching engine (`sim_engine`) run in real time. Faults on every k-th request:
-HTTP 500, a dropped connection mid-stream, a stall. `/mock/timeline` returns what the server did.
+HTTP 500, a dropped connection mid-stream, a stall, a request accepted and never answered; and
+bursts of HTTP 503 (every request for a while). `/mock/timeline` returns what the server did.
 Run alone: `python -m pricing.testing.mock_server --port 8000 --config '{"latency": {"tpot_base_s": 0.02}}'`.
 """
 
@@ -47,6 +48,11 @@ class Faults(BaseModel):
     disconnect_every: int = Field(default=0, ge=0)  # drop the connection after 2 tokens
     stall_every: int = Field(default=0, ge=0)  # stop sending after 2 tokens for stall_s
     stall_s: float = Field(default=5.0, ge=0)
+    hang_every: int = Field(default=0, ge=0)  # read the request, never send a byte (1: a hung server)
+    # Every request arriving in the first burst_s of each burst_every_s (from the server's start)
+    # gets HTTP 503, as from a server shedding load; 0 = never.
+    burst_every_s: float = Field(default=0.0, ge=0)
+    burst_s: float = Field(default=0.0, ge=0)
 
 
 class MockConfig(BaseModel):
@@ -69,6 +75,13 @@ class _State:
     counter: itertools.count = field(default_factory=itertools.count)
     timeline: dict[str, dict] = field(default_factory=dict)
     engine: _EngineLoop | None = None
+    started_ns: int = field(default_factory=lambda: ns())
+
+
+def _in_burst(faults: Faults, started_ns: int, at_ns: int) -> bool:
+    if not faults.burst_every_s or not faults.burst_s:
+        return False
+    return ((at_ns - started_ns) / 1e9) % faults.burst_every_s < faults.burst_s
 
 
 def _prompt_tokens(body: dict) -> int:
@@ -134,8 +147,13 @@ async def _generate(state: _State, req: Request, resp: Response, chat: bool) -> 
         return resp.send_json({"error": {"message": "bad api key"}}, 401)
     body = req.json()
     n = next(state.counter) + 1
-    if state.cfg.faults.http500_every and n % state.cfg.faults.http500_every == 0:
+    faults = state.cfg.faults
+    if faults.http500_every and n % faults.http500_every == 0:
         return resp.send_json({"error": {"message": "injected fault"}}, 500)
+    if _in_burst(faults, state.started_ns, recv_ns):
+        return resp.send_json({"error": {"message": "injected burst of 503s"}}, 503)
+    if faults.hang_every and n % faults.hang_every == 0:
+        await asyncio.get_running_loop().create_future()  # until the client hangs up (the handler is cancelled)
     isl, osl = _prompt_tokens(body), int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
     if state.engine is not None and (isl < 1 or osl < 1):  # a 400, as vLLM answers
         raise ValueError(f"the engine needs a prompt and max_tokens >= 1, got {isl} and {osl}")
