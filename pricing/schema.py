@@ -179,6 +179,10 @@ class ProfileSummary(Frozen):
     max_model_len: int | None = None
     # A seeded draw of (ISL, OSL) pairs for $/request percentiles; at most 256.
     sample_pairs: list[tuple[int, int]] = Field(default_factory=list, max_length=256)
+    # Traffic of chat sessions (workload.sessions; None: independent requests): the share of
+    # prompt tokens that are earlier turns of the same session, and the mean turns per session.
+    history_share: float | None = Field(default=None, ge=0, le=1)
+    turns_per_session: float | None = Field(default=None, ge=1)
 
 
 # How prompts reach the server: token ids or text to /v1/completions, or chat messages. Text
