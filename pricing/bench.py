@@ -17,6 +17,7 @@ from pricing.capacity.sweep import SweepOutcome, SweepSpec, run_sweep
 from pricing.errors import InputError
 from pricing.load import event_loop as aio
 from pricing.load.client import ClientConfig, ProbePlan
+from pricing.load.sessions import SessionTraffic
 from pricing.measure.probe import ProbeResult, measured_probe
 from pricing.measure.slo import parse_tiers
 from pricing.measure.telemetry import open_gpu_meter
@@ -61,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
                    "closed-loop search; the pricer then prices on closed-loop capacity, with a warning")
     p.add_argument("--burstiness", type=float, default=1.0, help="open-loop arrivals: gamma shape of the gaps "
                    "(1 = Poisson, below 1 burstier)")
+    p.add_argument("--sessions", action="store_true", help="replay the profile's chat sessions: each turn's prompt is "
+                   "the last prompt + its answer's token ids + new tokens, so vLLM's prefix cache serves the history; "
+                   "concurrency counts active sessions, an open loop's rate arrives as sessions")
+    p.add_argument("--think-scale", type=float, default=1.0, help="with --sessions: the data's think times (median "
+                   "about 2 min in WildChat) x this before each next turn; 0 sends it as the answer ends")
     p.add_argument("--min-window-s", type=float, default=10.0, help="shortest steady-state window per probe")
     p.add_argument("--window-e2e", type=float, default=2.0, help="a window lasts at least this many times the "
                    "p90 end-to-end latency of the probe's warm-up requests")
@@ -99,6 +105,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     profile = load_profile(args.profile)
     resolved = prepare_model(args.model, args.scheme, args.models_dir) if not args.url else None
     tokenizer = _text_tokenizer(args, resolved)
+    if args.sessions and (args.endpoint != "completions" or args.prompt_format != "token_ids"):
+        raise ValueError("--sessions sends token ids to /v1/completions (each prompt holds the last answer's exact "
+                         "ids): leave out --endpoint chat and --prompt-format text")
+    if args.think_scale < 0:
+        raise ValueError(f"--think-scale must be >= 0, got {args.think_scale:g}")
+    if args.sessions:
+        profile.replay_sessions()  # a profile without sessions is a clear error before any server starts
     gpu_name = detect_gpu() if args.gpu == "auto" else args.gpu
     model_label = Path(args.model).name if args.model not in SHAPES else args.model
     out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
@@ -127,23 +140,26 @@ def run(args: argparse.Namespace, console: Console) -> int:
             prompt_format=args.prompt_format, tokenizer=tokenizer,
             api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
         )
-        pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)
+        traffic = (SessionTraffic(profile.replay_sessions(max_len), seed=args.seed) if args.sessions
+                   else profile.sample(50_000, seed=args.seed, max_model_len=max_len))
         plan = ProbePlan(min_window_s=args.min_window_s, window_e2e_multiple=args.window_e2e,
                          min_requests=args.min_requests, max_duration_s=args.max_probe_s)
-        summary = profile.summary(seed=args.seed, max_model_len=max_len)
+        summary = profile.summary(seed=args.seed, max_model_len=max_len, sessions=args.sessions)
         sweep = SweepSpec(
             config=config, profile=summary, tiers=tiers,
             search=SearchParams(start=args.start, max_level=args.max_level, integer=args.mode == "closed",
                                 min_level=1.0 if args.mode == "closed" else 0.05),
             plan=plan, mode=args.mode, prompts=client.prompts, max_probes=args.max_probes,
             prefill_probes=not args.no_prefill, open_loop=not args.no_open_loop,
-            max_open_probes=args.max_open_probes, burstiness=args.burstiness,
+            max_open_probes=args.max_open_probes, burstiness=args.burstiness, sessions=args.sessions,
+            think_scale=args.think_scale,
         )
         progress = ProbeProgress(console, plan)
         meter = stack.enter_context(_gpu_meter(gpu_name, console))
 
         async def probe(load: LoadSpec, index: int) -> ProbeResult:
-            return await measured_probe(client, load, itertools.cycle(pairs), plan, meter, on_record=progress.on_record,
+            work = traffic if isinstance(traffic, SessionTraffic) else itertools.cycle(traffic)
+            return await measured_probe(client, load, work, plan, meter, on_record=progress.on_record,
                                         tiers=tiers, lengths=(summary.isl_mean, summary.osl_mean))
 
         with progress:
