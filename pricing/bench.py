@@ -100,6 +100,14 @@ def _text_tokenizer(args: argparse.Namespace, resolved) -> str | None:
     return name
 
 
+def _vocab_size(model: str, resolved) -> int:
+    """Random prompt ids stay below this: the served model's vocabulary, or a shape's when attached
+    to a server of one (--url --model tiny-llama: its 4,096 ids), else 32,000, which most have."""
+    if resolved is not None and resolved.vocab_size:
+        return resolved.vocab_size
+    return SHAPES[model].vocab_size if model in SHAPES else 32000
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     tiers = parse_tiers(args.tier)
     profile = load_profile(args.profile)
@@ -138,7 +146,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         client = ClientConfig(
             base_url=server.base_url, model=server.served_model_name or model_label, endpoint=args.endpoint,
             prompt_format=args.prompt_format, tokenizer=tokenizer,
-            api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
+            api_key=args.api_key, vocab_size=_vocab_size(args.model, resolved), seed=args.seed,
         )
         traffic = (SessionTraffic(profile.replay_sessions(max_len), seed=args.seed) if args.sessions
                    else profile.sample(50_000, seed=args.seed, max_model_len=max_len))
