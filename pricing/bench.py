@@ -17,6 +17,7 @@ from pricing.capacity.sweep import SweepOutcome, SweepSpec, run_sweep
 from pricing.errors import EXIT_INPUT_ERROR, EXIT_SERVER_FAILED, InputError
 from pricing.load import event_loop as aio
 from pricing.load.client import ClientConfig, ProbePlan
+from pricing.load.sessions import SessionTraffic
 from pricing.measure.probe import ProbeResult, measured_probe
 from pricing.measure.slo import parse_tiers
 from pricing.measure.telemetry import open_gpu_meter
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                    "closed-loop search; the pricer then prices on closed-loop capacity, with a warning")
     p.add_argument("--burstiness", type=float, default=1.0, help="open-loop arrivals: gamma shape of the gaps "
                    "(1 = Poisson, below 1 burstier)")
+    p.add_argument("--sessions", action="store_true", help="replay the profile's chat sessions: each turn's prompt is "
+                   "the last prompt + its answer's token ids + new tokens, so vLLM's prefix cache serves the history; "
+                   "concurrency counts active sessions, an open loop's rate arrives as sessions")
+    p.add_argument("--think-scale", type=float, default=1.0, help="with --sessions: the data's think times (median "
+                   "about 2 min in WildChat) x this before each next turn; 0 sends it as the answer ends")
     p.add_argument("--min-window-s", type=float, default=10.0, help="shortest steady-state window per probe")
     p.add_argument("--window-e2e", type=float, default=2.0, help="a window lasts at least this many times the "
                    "p90 end-to-end latency of the probe's warm-up requests")
@@ -99,11 +105,26 @@ def _text_tokenizer(args: argparse.Namespace, resolved) -> str | None:
     return name
 
 
+def _vocab_size(model: str, resolved) -> int:
+    """Random prompt ids stay below this: the served model's vocabulary, or a shape's when attached
+    to a server of one (--url --model tiny-llama: its 4,096 ids), else 32,000, which most have."""
+    if resolved is not None and resolved.vocab_size:
+        return resolved.vocab_size
+    return SHAPES[model].vocab_size if model in SHAPES else 32000
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     tiers = parse_tiers(args.tier)
     profile = load_profile(args.profile)
     resolved = prepare_model(args.model, args.scheme, args.models_dir) if not args.url else None
     tokenizer = _text_tokenizer(args, resolved)
+    if args.sessions and (args.endpoint != "completions" or args.prompt_format != "token_ids"):
+        raise ValueError("--sessions sends token ids to /v1/completions (each prompt holds the last answer's exact "
+                         "ids): leave out --endpoint chat and --prompt-format text")
+    if args.think_scale < 0:
+        raise ValueError(f"--think-scale must be >= 0, got {args.think_scale:g}")
+    if args.sessions:
+        profile.replay_sessions()  # a profile without sessions is a clear error before any server starts
     gpu_name = detect_gpu() if args.gpu == "auto" else args.gpu
     model_label = Path(args.model).name if args.model not in SHAPES else args.model
     out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
@@ -130,26 +151,29 @@ def run(args: argparse.Namespace, console: Console) -> int:
         client = ClientConfig(
             base_url=server.base_url, model=server.served_model_name or model_label, endpoint=args.endpoint,
             prompt_format=args.prompt_format, tokenizer=tokenizer,
-            api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
+            api_key=args.api_key, vocab_size=_vocab_size(args.model, resolved), seed=args.seed,
         )
-        pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)
+        traffic = (SessionTraffic(profile.replay_sessions(max_len), seed=args.seed) if args.sessions
+                   else profile.sample(50_000, seed=args.seed, max_model_len=max_len))
         plan = ProbePlan(min_window_s=args.min_window_s, window_e2e_multiple=args.window_e2e,
                          min_requests=args.min_requests, max_duration_s=args.max_probe_s,
                          server_stall_s=args.server_stall_s)
-        summary = profile.summary(seed=args.seed, max_model_len=max_len)
+        summary = profile.summary(seed=args.seed, max_model_len=max_len, sessions=args.sessions)
         sweep = SweepSpec(
             config=config, profile=summary, tiers=tiers,
             search=SearchParams(start=args.start, max_level=args.max_level, integer=args.mode == "closed",
                                 min_level=1.0 if args.mode == "closed" else 0.05),
             plan=plan, mode=args.mode, prompts=client.prompts, max_probes=args.max_probes,
             prefill_probes=not args.no_prefill, open_loop=not args.no_open_loop,
-            max_open_probes=args.max_open_probes, burstiness=args.burstiness,
+            max_open_probes=args.max_open_probes, burstiness=args.burstiness, sessions=args.sessions,
+            think_scale=args.think_scale,
         )
         progress = ProbeProgress(console, plan)
         meter = stack.enter_context(_gpu_meter(gpu_name, console))
 
         async def probe(load: LoadSpec, index: int) -> ProbeResult:
-            return await measured_probe(client, load, itertools.cycle(pairs), plan, meter, on_record=progress.on_record,
+            work = traffic if isinstance(traffic, SessionTraffic) else itertools.cycle(traffic)
+            return await measured_probe(client, load, work, plan, meter, on_record=progress.on_record,
                                         tiers=tiers, lengths=(summary.isl_mean, summary.osl_mean))
 
         with progress:

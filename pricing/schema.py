@@ -286,6 +286,10 @@ class ProfileSummary(Frozen):
     max_model_len: int | None = None
     # A seeded draw of (ISL, OSL) pairs for $/request percentiles; at most 256.
     sample_pairs: list[tuple[int, int]] = Field(default_factory=list, max_length=256)
+    # Traffic of chat sessions (workload.sessions; None: independent requests): the share of
+    # prompt tokens that are earlier turns of the same session, and the mean turns per session.
+    history_share: float | None = Field(default=None, ge=0, le=1)
+    turns_per_session: float | None = Field(default=None, ge=1)
 
 
 # How prompts reach the server: token ids or text to /v1/completions, or chat messages. Text
@@ -301,13 +305,37 @@ class LoadSpec(Frozen):
     request_rate_rps: float | None = Field(default=None, gt=0, le=MAX_REQ_S, allow_inf_nan=False)  # open loop
     burstiness: float = Field(default=1.0, gt=0)  # gamma shape; 1.0 = Poisson
     think_s: float = Field(default=0.0, ge=0)  # closed loop: mean pause before a client's next request (gamma, load.client)
-    kind: Literal["decode", "prefill"] = "decode"  # prefill: max_tokens=1, for the price split
+    # decode: the traffic as it is. prefill: max_tokens=1 and fresh prompts, the input rate of the
+    # price split. prefill_cached: max_tokens=1 replaying sessions, so part of each prompt is a
+    # prefix-cache hit: the cost of a cached input token (cost.split).
+    kind: Literal["decode", "prefill", "prefill_cached"] = "decode"
     prompts: PromptKind = "token_ids"
+    # Chat sessions (load.sessions): each turn's prompt is the last prompt + its answer + new tokens,
+    # sent the data's think time x think_scale after the answer. A closed loop's concurrency is
+    # then the active sessions; an open loop's request rate arrives as sessions.
+    sessions: bool = False
+    think_scale: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _cached_prefill_replays_sessions(self) -> LoadSpec:
+        if self.kind == "prefill_cached" and not self.sessions:
+            raise ValueError("a prefill_cached probe replays sessions: set sessions")
+        return self
 
     @property
     def level(self) -> float:
         """The number the capacity search moves."""
         return float(self.concurrency if self.mode == "closed" else self.request_rate_rps)  # type: ignore[arg-type]
+
+    @property
+    def prefill_only(self) -> bool:
+        return self.kind != "decode"
+
+    @property
+    def replays_sessions(self) -> bool:
+        """Prompts that extend the session's last prompt and answer (a session sweep's `prefill`
+        probe sends the same lengths as fresh prompts: the cost of an uncached token)."""
+        return self.sessions and self.kind != "prefill"
 
 
 class DeploymentConfig(Frozen):
@@ -407,9 +435,11 @@ class ProbeRecord(BaseModel):
 
     @property
     def workload(self) -> str:
-        """The profile, how prompts were sent unless as token ids, and a closed loop's think time
-        or an open loop's burstiness unless none: probes are compared and priced only within one."""
-        extras = [self.load.prompts] if self.load.prompts != "token_ids" else []
+        """The profile, whether its sessions were replayed (and their think-time scale), how prompts
+        were sent unless as token ids, and a closed loop's think time or an open loop's
+        burstiness unless none: probes are compared and priced only within one."""
+        extras = [f"sessions, think x{self.load.think_scale:g}"] if self.load.sessions else []
+        extras += [self.load.prompts] if self.load.prompts != "token_ids" else []
         if self.load.mode == "closed" and self.load.think_s > 0:
             extras.append(f"think {self.load.think_s:g} s")
         if self.load.mode == "open" and self.load.burstiness != 1.0:

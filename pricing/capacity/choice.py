@@ -115,10 +115,11 @@ def failure_reason(probes: Sequence[SourcedProbe], tier: SloTier, mode: LoadMode
     return f"no probe meets TTFT, TPOT and errors at once; nearest ({level.mode} load {level.level:g}): {misses}"
 
 
-def pick_prefill(probes: Sequence[SourcedProbe], closed_level: float | None) -> SourcedProbe | None:
-    """The prefill probe whose concurrency is closest to the tier's closed-loop capacity (the
-    sweep runs one there), else the highest."""
-    prefill = [p for p in probes if p.record.load.kind == "prefill" and p.record.stats.input_tok_s > 0]
+def pick_prefill(probes: Sequence[SourcedProbe], closed_level: float | None,
+                 kind: Literal["prefill", "prefill_cached"] = "prefill") -> SourcedProbe | None:
+    """The prefill probe (of `kind`) whose concurrency is closest to the tier's closed-loop
+    capacity (the sweep runs one there), else the highest."""
+    prefill = [p for p in probes if p.record.load.kind == kind and p.record.stats.input_tok_s > 0]
     if not prefill:
         return None
     target = closed_level if closed_level is not None else max(p.record.load.level for p in prefill)

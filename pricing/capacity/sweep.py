@@ -2,9 +2,10 @@
 
 Two steps. The closed-loop search (concurrency) finds each tier's neighbourhood fast; one
 prefill-only probe (max_tokens=1) per closed-loop capacity gives the input-token rate the price
-split needs; then an open-loop search (Poisson arrivals, request rate) starts at each tier's
-closed-loop capacity rate, which is its confirmation, and resolves the capacity a service with
-independent arrivals has. Probes already in the results file (same config, profile, prompt kind
+split needs (a session sweep adds a prefill-only replay of the sessions there, whose prefix-cache
+hits give the cost of a cached input token); then an open-loop search (Poisson arrivals, request
+rate) starts at each tier's closed-loop capacity rate, which is its confirmation, and resolves
+the capacity a service with independent arrivals has. Probes already in the results file (same config, profile, prompt kind
 and schema) are reused, so a rerun after a crash continues where the last one stopped; a probe
 that stopped because the server failed, went away or hung (schema.SERVER_ABORTS) stays in the
 file as what happened, but is measured again. Such a probe stops the sweep ("server_failed").
@@ -43,6 +44,7 @@ from pricing.schema import (
 
 ProbeFn = Callable[[LoadSpec, int], Awaitable[ProbeResult]]
 Mode = Literal["closed", "open"]
+Kind = Literal["decode", "prefill", "prefill_cached"]
 
 
 class SweepSpec(Strict):
@@ -62,6 +64,8 @@ class SweepSpec(Strict):
     max_open_probes: int = Field(default=8, ge=0)  # its probes, this invocation
     burstiness: float = Field(default=1.0, gt=0)  # open-loop arrivals: gamma shape (1 = Poisson)
     think_s: float = Field(default=0.0, ge=0)  # closed loop: mean think time between a client's requests
+    sessions: bool = False  # replay the profile's chat sessions (load.sessions)
+    think_scale: float = Field(default=1.0, ge=0)  # sessions: the data's think times x this
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -97,17 +101,20 @@ class SweepOutcome(BaseModel):
     warnings: list[str] = Field(default_factory=list)  # e.g. Poisson arrivals at a closed-loop capacity fail
 
 
-def _load(spec: SweepSpec, mode: Mode, level: float, kind: Literal["decode", "prefill"]) -> LoadSpec:
+def _load(spec: SweepSpec, mode: Mode, level: float, kind: Kind) -> LoadSpec:
+    workload = dict(kind=kind, prompts=spec.prompts, sessions=spec.sessions, think_scale=spec.think_scale)
     if mode == "closed":
-        return LoadSpec(mode="closed", concurrency=int(level), kind=kind, prompts=spec.prompts, think_s=spec.think_s)
-    return LoadSpec(mode="open", request_rate_rps=level, kind=kind, prompts=spec.prompts, burstiness=spec.burstiness)
+        return LoadSpec(mode="closed", concurrency=int(level), think_s=spec.think_s, **workload)
+    return LoadSpec(mode="open", request_rate_rps=level, burstiness=spec.burstiness, **workload)
 
 
 def _same_sweep(rec: ProbeRecord, spec: SweepSpec) -> bool:
     same_load = (rec.load.think_s == spec.think_s if rec.load.mode == "closed"
                  else rec.load.burstiness == spec.burstiness)
+    same_sessions = rec.load.sessions == spec.sessions and (not spec.sessions or rec.load.think_scale == spec.think_scale)
     return (rec.config.key == spec.config.key and rec.profile.name == spec.profile.name
-            and rec.load.prompts == spec.prompts and rec.schema_version == SCHEMA_VERSION and same_load)
+            and rec.load.prompts == spec.prompts and rec.schema_version == SCHEMA_VERSION and same_load
+            and same_sessions)
 
 
 def server_failure(record: ProbeRecord) -> str | None:
@@ -173,10 +180,10 @@ class _Run:
         for rec in self.records:
             events.probe_finished(rec, reused=True)
 
-    def levels(self, mode: Mode, kind: Literal["decode", "prefill"] = "decode") -> set[float]:
+    def levels(self, mode: Mode, kind: Kind = "decode") -> set[float]:
         return {r.load.level for r in self.records if r.load.mode == mode and r.load.kind == kind}
 
-    async def measure(self, mode: Mode, level: float, kind: Literal["decode", "prefill"]) -> ProbeRecord:
+    async def measure(self, mode: Mode, level: float, kind: Kind) -> ProbeRecord:
         load = _load(self.spec, mode, level, kind)
         self.events.probe_started(load, self.next_index)
         result = await self.probe(load, self.next_index)
@@ -248,9 +255,12 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
         # Prefill probes at the capacities known so far, also when the budget ran out: without
         # them the pricer can only fall back to a fixed ratio.
         if spec.prefill_probes:
-            for level in sorted({c.level for c in closed.values() if c.kind == "found" and c.level}):
-                if level not in state.levels("closed", "prefill"):
-                    await state.measure("closed", level, "prefill")
+            kinds: tuple[Kind, ...] = ("prefill", "prefill_cached") if spec.sessions else ("prefill",)
+            found = sorted({c.level for c in closed.values() if c.kind == "found" and c.level})
+            wanted = [(level, kind) for level in found for kind in kinds]
+            for level, kind in wanted:
+                if level not in state.levels("closed", kind):
+                    await state.measure("closed", level, kind)
                     if (server_stop := state.server_stop()) is not None:
                         stop, stopped = server_stop
                         break

@@ -15,15 +15,9 @@ from math import inf
 
 import aiohttp
 
-from pricing.load.client import (
-    ClientConfig,
-    LoadRun,
-    OnRecord,
-    ProbePlan,
-    StopRule,
-    WindowMark,
-    drive_load,
-)
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.load.loops import LoadRun, OnRecord, StopRule, WindowMark, drive_load
+from pricing.load.sessions import SessionTraffic, drive_sessions
 from pricing.load.event_loop import paused_gc
 from pricing.measure.requests import RequestTable, cohort, table_from_records
 from pricing.measure.slo import outcome
@@ -43,6 +37,9 @@ from pricing.schema import (
     SloTier,
     WindowStats,
 )
+
+# What a probe sends: independent requests of these (ISL, OSL), or chat sessions.
+Traffic = Iterator[tuple[int, int]] | SessionTraffic
 
 # Requests may spend this share of their time (wait + end-to-end) waiting for their prompts
 # before the probe says so.
@@ -93,10 +90,11 @@ def decided_rule(tiers: Sequence[SloTier]) -> StopRule:
 
 
 def sent_lengths(load: LoadSpec, lengths: tuple[float, float] | None) -> tuple[float, float] | None:
-    """Mean (ISL, OSL) asked per request: the profile's, with one output token for prefill probes."""
+    """Mean (ISL, OSL) asked per request: the profile's, with one output token for prefill probes
+    (a prefill-only session replay's prompts keep the sessions' lengths: load.sessions)."""
     if lengths is None:
         return None
-    return (lengths[0], 1.0) if load.kind == "prefill" else lengths
+    return (lengths[0], 1.0) if load.prefill_only else lengths
 
 
 def offered_rate(stats: WindowStats, load: LoadSpec) -> WindowStats:
@@ -150,7 +148,7 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
 async def run_probe(
     cfg: ClientConfig,
     load: LoadSpec,
-    pairs: Iterator[tuple[int, int]],
+    traffic: Traffic,
     plan: ProbePlan | None = None,
     on_record: OnRecord | None = None,
     clock: Callable[[], int] = time.perf_counter_ns,
@@ -158,11 +156,18 @@ async def run_probe(
     lengths: tuple[float, float] | None = None,
     mark: WindowMark | None = None,
 ) -> ProbeResult:
-    """Drive one load level (load.client.drive_load) until its window is full and, for decode
-    probes, every tier's verdict decided; then reduce the records to the window's statistics.
-    `lengths`: the profile's mean (ISL, OSL) per request, from which the request rate follows."""
+    """Drive one load level (load.loops.drive_load, or load.sessions.drive_sessions for a probe
+    that replays sessions) until its window is full and, for decode probes, every tier's verdict
+    decided; then reduce the records to the window's statistics. `lengths`: the profile's mean
+    (ISL, OSL) per request, from which the request rate follows."""
     rule = decided_rule(tiers) if tiers and load.kind == "decode" else None
-    run = await drive_load(cfg, load, pairs, plan, on_record, clock, stop_rule=rule, mark=mark)
+    if load.replays_sessions:
+        if not isinstance(traffic, SessionTraffic):
+            raise ValueError(f"a {load.kind} probe of sessions needs the profile's sessions (SessionTraffic)")
+        run = await drive_sessions(cfg, load, traffic, plan, on_record, clock, stop_rule=rule, mark=mark)
+    else:
+        pairs = traffic.turn_pairs() if isinstance(traffic, SessionTraffic) else traffic
+        run = await drive_load(cfg, load, pairs, plan, on_record, clock, stop_rule=rule, mark=mark)
     return measure_run(run, sent_lengths(load, lengths), load)
 
 
@@ -210,7 +215,7 @@ def window_energy(tele: TelemetryResult, t0_ns: int, window_start_ns: int, windo
 async def measured_probe(
     cfg: ClientConfig,
     load: LoadSpec,
-    pairs: Iterator[tuple[int, int]],
+    traffic: Traffic,
     plan: ProbePlan,
     meter: GpuEnergyMeter | None,
     on_record: OnRecord | None = None,
@@ -226,7 +231,7 @@ async def measured_probe(
         result: ProbeResult | None = None
         try:
             with paused_gc():
-                result = await run_probe(cfg, load, pairs, plan, on_record=on_record, tiers=tiers, lengths=lengths,
+                result = await run_probe(cfg, load, traffic, plan, on_record=on_record, tiers=tiers, lengths=lengths,
                                          mark=telemetry.mark)
         finally:
             # A probe that lost its server gets no last scrape: a hung server would hold it for

@@ -149,21 +149,41 @@ def bucket_of(value: float, hist: Histogram) -> tuple[float, float]:
 
 
 def summarize_window(opened: MetricsSnapshot, closed: MetricsSnapshot, percentile: float = 90) -> dict[str, float]:
-    """The server's TTFT between the window's opening and closing scrapes: its p-th percentile
-    and the bucket holding it (interpolated quantiles are only known to within their bucket)."""
+    """The server over the window, between its opening and closing scrapes: TTFT's p-th
+    percentile and the bucket holding it (interpolated quantiles are only known to within their
+    bucket), and the share of prompt tokens its prefix cache served (a session replay's warm-up
+    holds first turns only, so the whole probe's share understates the window's)."""
+    out: dict[str, float] = {}
+    queries, hits = (_counter_over(opened, closed, key) for key in ("prefix_cache_queries_tokens",
+                                                                      "prefix_cache_hits_tokens"))
+    if queries:
+        out["prefix_cache_window_hit_frac"] = (hits or 0.0) / queries
     name = _first_present(HISTOGRAMS[0][1], set(closed.histograms))
     if name is None:
-        return {}
+        return out
     delta = histogram_delta(opened.histograms.get(name), closed.histograms[name])
     value = histogram_quantile(percentile / 100.0, delta)
     if value is None:
-        return {}
+        return out
     low, high = bucket_of(value, delta)
     key = f"server_ttft_window_p{percentile:g}"
-    out = {f"{key}_s": value, "server_ttft_window_count": delta.count, f"{key}_bucket_low_s": low}
+    out |= {f"{key}_s": value, "server_ttft_window_count": delta.count, f"{key}_bucket_low_s": low}
     if math.isfinite(high):
         out[f"{key}_bucket_high_s"] = high
     return out
+
+
+def cache_hit_share(metrics: dict[str, float] | None) -> float | None:
+    """The share of prompt tokens vLLM's prefix cache served: over the probe's window where it was
+    scraped at both ends, else over the whole probe (None: not reported)."""
+    metrics = metrics or {}
+    return metrics.get("prefix_cache_window_hit_frac", metrics.get("prefix_cache_hit_frac"))
+
+
+def _counter_over(before: MetricsSnapshot, after: MetricsSnapshot, key: str) -> float | None:
+    """One of COUNTERS' growth between two scrapes (None: the server does not report it)."""
+    name = _first_present(dict(COUNTERS)[key], after.names())
+    return _counter_delta(before.sums.get(name, 0.0), after.sums[name]) if name is not None else None
 
 
 def _first_present(names: Sequence[str], available: set[str]) -> str | None:
@@ -189,10 +209,9 @@ def summarize_probe(
                 value = histogram_quantile(p / 100.0, delta)
                 if value is not None:
                     out[f"{prefix}_p{p}_s"] = value
-    for key, names in COUNTERS:
-        name = _first_present(names, available)
-        if name is not None:
-            out[key] = _counter_delta(before.sums.get(name, 0.0), after.sums[name])
+    for key, _names in COUNTERS:
+        if (grown := _counter_over(before, after, key)) is not None:
+            out[key] = grown
     if out.get("prefix_cache_queries_tokens"):
         out["prefix_cache_hit_frac"] = out.get("prefix_cache_hits_tokens", 0.0) / out["prefix_cache_queries_tokens"]
     snaps = [before, *during, after]
