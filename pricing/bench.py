@@ -14,9 +14,10 @@ from rich.table import Table
 
 from pricing.capacity.search import SearchParams
 from pricing.capacity.sweep import SweepOutcome, SweepSpec, run_sweep
-from pricing.errors import InputError
+from pricing.errors import EXIT_INPUT_ERROR, EXIT_SERVER_FAILED, InputError
 from pricing.load import event_loop as aio
 from pricing.load.client import ClientConfig, ProbePlan
+from pricing.load.sessions import SessionTraffic
 from pricing.measure.probe import ProbeResult, measured_probe
 from pricing.measure.slo import parse_tiers
 from pricing.measure.telemetry import open_gpu_meter
@@ -25,10 +26,13 @@ from pricing.report.progress import ProbeProgress
 from pricing.schema import DeploymentConfig, LoadSpec
 from pricing.serving.prepare import detect_gpu, prepare_model
 from pricing.serving.server import (
+    DIAGNOSE_LINES,
     ServerSpec,
     ServerStartError,
     VllmServer,
     attach,
+    exit_cause,
+    last_error_line,
     sigterm_as_exit,
 )
 from pricing.serving.shapes import SHAPES
@@ -61,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                    "closed-loop search; the pricer then prices on closed-loop capacity, with a warning")
     p.add_argument("--burstiness", type=float, default=1.0, help="open-loop arrivals: gamma shape of the gaps "
                    "(1 = Poisson, below 1 burstier)")
+    p.add_argument("--sessions", action="store_true", help="replay the profile's chat sessions: each turn's prompt is "
+                   "the last prompt + its answer's token ids + new tokens, so vLLM's prefix cache serves the history; "
+                   "concurrency counts active sessions, an open loop's rate arrives as sessions")
+    p.add_argument("--think-scale", type=float, default=1.0, help="with --sessions: the data's think times (median "
+                   "about 2 min in WildChat) x this before each next turn; 0 sends it as the answer ends")
     p.add_argument("--min-window-s", type=float, default=10.0, help="shortest steady-state window per probe")
     p.add_argument("--window-e2e", type=float, default=2.0, help="a window lasts at least this many times the "
                    "p90 end-to-end latency of the probe's warm-up requests")
@@ -68,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    "fewest whose p90 has a 95%% upper bound)")
     p.add_argument("--max-probe-s", type=float, default=300.0, help="a probe whose window has not filled by then "
                    "fails; one that is still undecided then stops undecided")
+    p.add_argument("--server-stall-s", type=float, default=10.0, help="stop with an error when requests are in flight "
+                   "and the server sends not a byte for this long (hung); raise it for single prefills longer than that")
     p.add_argument("--start", type=float, default=1.0, help="first load level")
     p.add_argument("--max-level", type=float, default=1024.0, help="highest load level tried")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill-only probes of the price split")
@@ -94,11 +105,26 @@ def _text_tokenizer(args: argparse.Namespace, resolved) -> str | None:
     return name
 
 
+def _vocab_size(model: str, resolved) -> int:
+    """Random prompt ids stay below this: the served model's vocabulary, or a shape's when attached
+    to a server of one (--url --model tiny-llama: its 4,096 ids), else 32,000, which most have."""
+    if resolved is not None and resolved.vocab_size:
+        return resolved.vocab_size
+    return SHAPES[model].vocab_size if model in SHAPES else 32000
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     tiers = parse_tiers(args.tier)
     profile = load_profile(args.profile)
     resolved = prepare_model(args.model, args.scheme, args.models_dir) if not args.url else None
     tokenizer = _text_tokenizer(args, resolved)
+    if args.sessions and (args.endpoint != "completions" or args.prompt_format != "token_ids"):
+        raise ValueError("--sessions sends token ids to /v1/completions (each prompt holds the last answer's exact "
+                         "ids): leave out --endpoint chat and --prompt-format text")
+    if args.think_scale < 0:
+        raise ValueError(f"--think-scale must be >= 0, got {args.think_scale:g}")
+    if args.sessions:
+        profile.replay_sessions()  # a profile without sessions is a clear error before any server starts
     gpu_name = detect_gpu() if args.gpu == "auto" else args.gpu
     model_label = Path(args.model).name if args.model not in SHAPES else args.model
     out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
@@ -125,31 +151,63 @@ def run(args: argparse.Namespace, console: Console) -> int:
         client = ClientConfig(
             base_url=server.base_url, model=server.served_model_name or model_label, endpoint=args.endpoint,
             prompt_format=args.prompt_format, tokenizer=tokenizer,
-            api_key=args.api_key, vocab_size=(resolved.vocab_size if resolved and resolved.vocab_size else 32000), seed=args.seed,
+            api_key=args.api_key, vocab_size=_vocab_size(args.model, resolved), seed=args.seed,
         )
-        pairs = profile.sample(50_000, seed=args.seed, max_model_len=max_len)
+        traffic = (SessionTraffic(profile.replay_sessions(max_len), seed=args.seed) if args.sessions
+                   else profile.sample(50_000, seed=args.seed, max_model_len=max_len))
         plan = ProbePlan(min_window_s=args.min_window_s, window_e2e_multiple=args.window_e2e,
-                         min_requests=args.min_requests, max_duration_s=args.max_probe_s)
-        summary = profile.summary(seed=args.seed, max_model_len=max_len)
+                         min_requests=args.min_requests, max_duration_s=args.max_probe_s,
+                         server_stall_s=args.server_stall_s)
+        summary = profile.summary(seed=args.seed, max_model_len=max_len, sessions=args.sessions)
         sweep = SweepSpec(
             config=config, profile=summary, tiers=tiers,
             search=SearchParams(start=args.start, max_level=args.max_level, integer=args.mode == "closed",
                                 min_level=1.0 if args.mode == "closed" else 0.05),
             plan=plan, mode=args.mode, prompts=client.prompts, max_probes=args.max_probes,
             prefill_probes=not args.no_prefill, open_loop=not args.no_open_loop,
-            max_open_probes=args.max_open_probes, burstiness=args.burstiness,
+            max_open_probes=args.max_open_probes, burstiness=args.burstiness, sessions=args.sessions,
+            think_scale=args.think_scale,
         )
         progress = ProbeProgress(console, plan)
         meter = stack.enter_context(_gpu_meter(gpu_name, console))
 
         async def probe(load: LoadSpec, index: int) -> ProbeResult:
-            return await measured_probe(client, load, itertools.cycle(pairs), plan, meter, on_record=progress.on_record,
+            work = traffic if isinstance(traffic, SessionTraffic) else itertools.cycle(traffic)
+            return await measured_probe(client, load, work, plan, meter, on_record=progress.on_record,
                                         tiers=tiers, lengths=(summary.isl_mean, summary.osl_mean))
 
         with progress:
             outcome = aio.run(run_sweep(sweep, probe, out, events=progress))
+        # While the `with` still holds a server bench started: whether it exited, and its log.
+        failure = _server_failure(outcome, server, out) if outcome.stop == "server_failed" else None
     _print_outcome(console, outcome, tiers, out)
-    return 1 if outcome.stop == "server_failed" else 0
+    if failure is None:
+        return 0
+    line, log_tail = failure
+    for log_line in log_tail:
+        console.print(f"  [dim]{log_line}[/dim]", highlight=False, markup=False)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return EXIT_SERVER_FAILED
+
+
+def _server_failure(outcome: SweepOutcome, server: VllmServer, out: Path) -> tuple[str, list[str]]:
+    """One line saying which server failed, how, and what to do; and, for a server bench
+    started, the end of its log (shown above the line)."""
+    what = outcome.stopped or "a probe lost the server"
+    if server.base_url not in what:
+        what = f"server {server.base_url}: {what}"
+    kept = len(outcome.records)
+    todo = (f"{kept} finished probe(s) kept in {out}; rerun the same command to resume once the server is back "
+            "(the failed probe is measured again)")
+    if server.process is None:  # attached with --url
+        return f"{what}. {todo}", []
+    returncode = server.process.poll()
+    tail = server.log_tail()
+    if returncode is not None:
+        cause = exit_cause(server.log_tail(DIAGNOSE_LINES), returncode)
+        return f"{what}; vLLM {cause} (log: {server.log_path}). {todo}", tail
+    error = last_error_line(server.log_tail(DIAGNOSE_LINES))
+    return f"{what}; vLLM is still running{f', last error: {error}' if error else ''} (log: {server.log_path}). {todo}", tail
 
 
 @contextlib.contextmanager
@@ -179,7 +237,8 @@ def _print_outcome(console: Console, outcome: SweepOutcome, tiers, out: Path) ->
     for warning in outcome.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     new = outcome.probes_run + outcome.open_probes_run
-    console.print(f"{new} new probe(s) appended to {out}" + (f"; stopped: {outcome.stopped}" if outcome.stopped else ""))
+    stopped = f"; stopped: {outcome.stopped}" if outcome.stopped and outcome.stop != "server_failed" else ""
+    console.print(f"{new} new probe(s) appended to {out}{stopped}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.log_tail:
             console.print(f"  [dim]{line}[/dim]", highlight=False)
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_SERVER_FAILED
     except (ValueError, FileNotFoundError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: finished probes are saved; rerun the same command to resume")
         return 130

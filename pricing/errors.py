@@ -8,6 +8,10 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 EXIT_INPUT_ERROR = 2
+EXIT_SERVER_FAILED = 1  # the server failed or could not be reached: not the user's input
+# The pydantic error type of schema's cross-field plausibility checks (schema.implausible); kept
+# here as a string so errors imports nothing of the schema.
+IMPLAUSIBLE = "implausible"
 
 
 class InputError(Exception):
@@ -39,12 +43,16 @@ def from_validation_error(file: str, line: int | None, exc: ValidationError, pre
     errors = exc.errors()
     first = errors[0]
     field = loc_to_field(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid value"))
+    ctx = first.get("ctx") or {}
+    if first.get("type") == IMPLAUSIBLE:  # a cross-field check names its field below the model it ran on
+        field = f"{field}.{ctx['field']}" if field else str(ctx["field"])
+        message = f"implausible: {ctx['reason']}"
     if prefix:
         field = f"{prefix}.{field}" if field else prefix
-    message = str(first.get("msg", "invalid value"))
     if first.get("type") == "missing":
         message = "required field is missing"
-    elif "input" in first and first.get("type") != "extra_forbidden":
+    elif "input" in first and first.get("type") not in ("extra_forbidden", IMPLAUSIBLE):
         shown = repr(first["input"])
         message = f"{message} (got {shown[:60]}{'...' if len(shown) > 60 else ''})"
     if len(errors) > 1:

@@ -29,7 +29,7 @@ from pricing.planning.choices import CascadePolicy
 from pricing.planning.fleet import AutoscalePolicy, SpotPolicy
 from pricing.planning.plan import PlanFile, PlanOptions, build_plan
 from pricing.report.plan_console import render_plan
-from pricing.results import SourcedProbe, load_records
+from pricing.results import SourcedProbe, Warn, load_records
 from pricing.schema import DEFAULT_TIERS
 from pricing.workload.profile import DEFAULT_PROFILE, load_profile
 
@@ -111,21 +111,23 @@ def _arrivals(spec: str) -> tuple[str, list[int], str | None]:
     return profile.name, profile.arrivals.hourly_counts, profile.arrivals.window_start_utc
 
 
-def _probes(files: Sequence[str], catalog: Catalog) -> tuple[list[SourcedProbe], list[InputError], list[str]]:
-    records, errors = load_records(files, catalog)
+def _probes(files: Sequence[str], catalog: Catalog, warn: Warn | None
+            ) -> tuple[list[SourcedProbe], list[InputError], list[str]]:
+    records, errors = load_records(files, catalog, warn)
     probes = [r for r in records if isinstance(r, SourcedProbe)]
     skipped = len(records) - len(probes)
     notes = [f"{skipped} seed-calculator record(s) skipped: they carry no request rate"] if skipped else []
     return probes, errors, notes
 
 
-def run(args: argparse.Namespace) -> PlanFile:
-    """The plan for parsed flags; every bad input raises InputError."""
+def run(args: argparse.Namespace, warn: Warn | None = None) -> PlanFile:
+    """The plan for parsed flags; every bad input raises InputError. `warn` is told of what was
+    read past (a torn last line)."""
     catalog = load_catalog(args.catalog)
     opts = options_from_args(args)
     (tier,) = parse_tiers([args.tier])
     profile, counts, week_start = _arrivals(args.profile)
-    probes, errors, notes = _probes(args.files, catalog)
+    probes, errors, notes = _probes(args.files, catalog, warn)
     if errors:
         raise errors[0]
     if not probes:
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None, out: Console | None = None, err: Con
     out = out or (Console() if sys.stdout.isatty() else Console(width=150))
     err = err or Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        plan = run(args)
+        plan = run(args, warn=lambda w: err.print(f"warning: {w}", markup=False))
         render_plan(plan, out)
         for warning in plan.warnings:
             err.print(f"warning: {warning}", markup=False)

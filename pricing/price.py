@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="traffic profile name for the ISL/OSL histograms of the HTML report")
     p.add_argument("--html", help="write a self-contained Plotly HTML report here")
     p.add_argument("--json", help="write every price row here (PricesFile)")
-    p.add_argument("--keep-going", action="store_true", help="price the readable files when others have errors")
+    p.add_argument("--keep-going", action="store_true", help="skip each bad record (one line naming file:line and "
+                   "the field) or unreadable file and price the rest; the exit code is still 2")
     return p
 
 
@@ -110,12 +111,12 @@ def main(argv: Sequence[str] | None = None, out: Console | None = None, err: Con
             said.add(message)
             err.print(f"warning: {message}", markup=False)
 
-    records, errors = load_records(args.files, catalog, warn=warn)
+    records, errors = load_records(args.files, catalog, warn=warn, keep_going=args.keep_going)
     for exc in errors:
         err.print(format_error(exc), markup=False)
     if errors and not args.keep_going:
-        err.print(f"{len(errors)} file(s) with errors; nothing priced (--keep-going prices the other files)",
-                  markup=False)
+        err.print(f"{len(errors)} file(s) with errors; nothing priced (--keep-going skips the bad records and "
+                  "prices the rest)", markup=False)
         return EXIT_INPUT_ERROR
     probes = [r for r in records if isinstance(r, SourcedProbe)]
     seeds = [r for r in records if isinstance(r, SeedServer)]

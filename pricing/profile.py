@@ -15,16 +15,22 @@ from pricing.workload.profile import (
     TrafficProfile,
     build_profile,
 )
+from pricing.workload.sessions import FILE_RULE, read_session_files, readout_sessions
 from pricing.workload.sources import TimeWindow, read_turns
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pricing.profile", description="Build a traffic profile from WildChat conversations or a lengths file.")
+    p = argparse.ArgumentParser(prog="python -m pricing.profile",
+                                description="Build a traffic profile from WildChat conversations, a lengths file or a sessions file.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", nargs="+", metavar="ID_OR_FILE",
                      help="hub dataset id (e.g. allenai/WildChat-1M) or local .jsonl/.parquet files, WildChat schema")
     src.add_argument("--lengths", nargs="+", type=Path, metavar="FILE",
-                     help='precomputed {"timestamp","isl","osl"} JSONL files')
+                     help='precomputed {"timestamp","isl","osl"} JSONL files, rows in conversation order (sessions '
+                          'are inferred from it: see pricing/workload/sessions.py)')
+    src.add_argument("--sessions", nargs="+", type=Path, metavar="FILE",
+                     help='chat sessions: {"session","timestamp","isl","osl"} JSONL lines, a session\'s turns in order, '
+                          "each ISL holding the conversation so far")
     p.add_argument("--tokenizer", help="tokenizer for --dataset (required there); recorded only for --lengths")
     p.add_argument("--start", help="first UTC day (YYYY-MM-DD, inclusive) or ISO datetime")
     p.add_argument("--end", help="last UTC day (YYYY-MM-DD, inclusive) or ISO datetime (exclusive)")
@@ -62,6 +68,13 @@ def _report(profile: TrafficProfile, output: Path) -> None:
         console.print(f"arrivals {arr.window_start_utc} .. {arr.window_end_utc}: "
                       f"mean {arr.mean_requests_per_hour:,.4g}/h, peak {arr.peak_requests_per_hour:,}/h, "
                       f"peak-to-mean {arr.peak_to_mean:.2f}")
+    if (ses := profile.sessions) is not None:
+        think = (f"think time p50 {ses.think_s_p50:,.0f} s, p90 {ses.think_s_p90:,.0f} s"
+                 if ses.think_s_p50 is not None else "no second turns")
+        console.print(f"sessions ({ses.rule}): {ses.sessions:,} of {ses.turns_per_session_mean:.2f} turns on average "
+                      f"(p90 {ses.turns_per_session_p90:.0f}, max {ses.turns_per_session_max:,}); "
+                      f"{ses.continuation_share:.1%} of turns continue one; {ses.history_share:.1%} of input tokens "
+                      f"are history; {think}")
     size_mb = output.stat().st_size / 1e6
     console.print(f"wrote {output} ({size_mb:.2f} MB, {len(profile.pool_isl):,} pairs for sampling)")
 
@@ -71,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         window = TimeWindow.from_args(args.start, args.end)
         skipped: Counter[str] = Counter()
-        turns, source = read_turns(
-            args.lengths, args.dataset, args.tokenizer, args.split, window, skipped, args.max_rows
-        )
+        if args.sessions:
+            readout, sessions = read_session_files(args.sessions, window, skipped)
+            rule = FILE_RULE
+        else:
+            readout = read_turns(args.lengths, args.dataset, args.tokenizer, args.split, window, skipped, args.max_rows)
+            sessions, rule = readout_sessions(readout, window, skipped)
         profile = build_profile(
-            turns, name=args.name or args.output.stem, source=source, window=window, tokenizer=args.tokenizer,
-            skipped=dict(skipped), max_model_len=args.max_model_len, policy=args.policy,
-            pool_size=args.pool_size, seed=args.seed,
+            readout.turns, name=args.name or args.output.stem, source=readout.source, window=window,
+            tokenizer=args.tokenizer, skipped=dict(skipped), max_model_len=args.max_model_len, policy=args.policy,
+            pool_size=args.pool_size, seed=args.seed, sessions=sessions, session_rule=rule,
         )
     except InputError as exc:
         print(format_error(exc), file=sys.stderr)

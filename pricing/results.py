@@ -3,7 +3,9 @@ fsynced as its probe ends, so a crash loses at most the probe in flight) and the
 calculator's files. Bench (resume), price, plan and the report all read through here.
 
 A last line without its newline that does not parse was torn by a crash: it is skipped with a
-warning naming file:line. Anything else that does not validate raises InputError there.
+warning naming file:line. Anything else that does not validate (bad JSON, a missing field, an
+implausible value: schema's checks) raises InputError there, or, for a caller that keeps going,
+is reported as one and skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pricing.measure.requests import RequestTable
 from pricing.schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, Frozen, ProbeRecord
 
 Warn = Callable[[str], None]
+OnBad = Callable[[InputError], None]  # told of each record skipped as bad (--keep-going)
 
 
 class RecordCheck(Protocol):
@@ -195,13 +198,16 @@ def _decode(raw: str, file: str, number: int) -> dict:
     return obj
 
 
-def read_result_file(path: str | Path, catalog: RecordCheck | None = None, warn: Warn | None = None) -> list[Loaded]:
-    """Every record of one result file (ours or the seed's, by shape); the first problem raises
-    InputError naming file:line. A torn last line is skipped and reported through `warn`."""
+def read_result_file(path: str | Path, catalog: RecordCheck | None = None, warn: Warn | None = None,
+                     on_bad: OnBad | None = None) -> list[Loaded]:
+    """Every record of one result file (ours or the seed's, by shape). A bad record raises
+    InputError naming file:line and the field, or with `on_bad` is handed to it and skipped. A
+    torn last line is skipped and reported through `warn`."""
     file = str(path)
     lines, torn_possible = _lines(Path(path), file)
     items: list[Loaded] = []
     first: tuple[int, str, object] | None = None  # line, kind, schema_version of the first record
+    skipped = 0
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -213,47 +219,65 @@ def read_result_file(path: str | Path, catalog: RecordCheck | None = None, warn:
                     warn(f"{file}:{number}: torn last line skipped (a run stopped while writing it; "
                          "rerunning the sweep measures that probe again)")
                 break
-            raise err from None
-        kind = "seed" if looks_like_seed(obj) else "probe"
-        if kind == "probe" and "schema_version" not in obj:
-            raise InputError(file, number, "schema_version", "required field is missing (probe records carry "
-                             "schema_version; seed calculator files carry id and measurements)")
-        version = obj.get("schema_version")
-        if first is None:
-            first = (number, kind, version)
-        elif kind != first[1]:
-            raise InputError(file, number, "schema_version" if first[1] == "probe" else "measurements",
-                             f"mixed formats in one file: line {first[0]} is a {first[1]} record, "
-                             f"this line a {kind} record")
-        elif version != first[2]:
-            raise InputError(file, number, "schema_version", f"mixed schema versions in one file: line {first[0]} "
-                             f"has {first[2]!r}, this line {version!r}; price each version from its own file")
-        if kind == "seed":
-            items.append(parse_seed_line(obj, file, number))
+            if on_bad is None:
+                raise err from None
+            on_bad(err)
+            skipped += 1
             continue
-        if version not in READABLE_SCHEMA_VERSIONS:
-            raise InputError(file, number, "schema_version", f"unsupported schema version {version!r}; this "
-                             f"pricer reads versions {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
         try:
-            record = ProbeRecord.model_validate(obj)
-        except ValidationError as exc:
-            raise from_validation_error(file, number, exc) from None
-        if catalog is not None:
-            catalog.check_record(record, file, number)
-        items.append(SourcedProbe(record, file, number))
-    if not items:
+            item = _record(obj, file, number, first, catalog)
+        except InputError as err:
+            if on_bad is None:
+                raise err from None
+            on_bad(err)
+            skipped += 1
+            continue
+        if first is None:
+            first = (number, "seed" if isinstance(item, SeedServer) else "probe", obj.get("schema_version"))
+        items.append(item)
+    if not items and not skipped:
         raise InputError(file, 1, "", "empty file: no records (expected one JSON object per line)")
     return items
 
 
-def load_records(paths: Sequence[str | Path], catalog: RecordCheck | None = None,
-                 warn: Warn | None = None) -> tuple[list[Loaded], list[InputError]]:
-    """Records of every readable file, and one InputError per file that could not be read whole."""
+def _record(obj: dict, file: str, number: int, first: tuple[int, str, object] | None,
+            catalog: RecordCheck | None) -> Loaded:
+    """One decoded line as a record, checked against the file's first record's kind and version."""
+    kind = "seed" if looks_like_seed(obj) else "probe"
+    if kind == "probe" and "schema_version" not in obj:
+        raise InputError(file, number, "schema_version", "required field is missing (probe records carry "
+                         "schema_version; seed calculator files carry id and measurements)")
+    version = obj.get("schema_version")
+    if first is not None and kind != first[1]:
+        raise InputError(file, number, "schema_version" if first[1] == "probe" else "measurements",
+                         f"mixed formats in one file: line {first[0]} is a {first[1]} record, "
+                         f"this line a {kind} record")
+    if first is not None and version != first[2]:
+        raise InputError(file, number, "schema_version", f"mixed schema versions in one file: line {first[0]} "
+                         f"has {first[2]!r}, this line {version!r}; price each version from its own file")
+    if kind == "seed":
+        return parse_seed_line(obj, file, number)
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise InputError(file, number, "schema_version", f"unsupported schema version {version!r}; this "
+                         f"pricer reads versions {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
+    try:
+        record = ProbeRecord.model_validate(obj)
+    except ValidationError as exc:
+        raise from_validation_error(file, number, exc) from None
+    if catalog is not None:
+        catalog.check_record(record, file, number)
+    return SourcedProbe(record, file, number)
+
+
+def load_records(paths: Sequence[str | Path], catalog: RecordCheck | None = None, warn: Warn | None = None,
+                 keep_going: bool = False) -> tuple[list[Loaded], list[InputError]]:
+    """Records of every readable file, and the errors: strict, one per file that could not be read
+    whole (its records are left out); keeping going, one per bad record, the file's others kept."""
     records: list[Loaded] = []
     errors: list[InputError] = []
     for path in paths:
         try:
-            records.extend(read_result_file(path, catalog, warn))
+            records.extend(read_result_file(path, catalog, warn, on_bad=errors.append if keep_going else None))
         except InputError as err:
             errors.append(err)
     return records, errors

@@ -7,9 +7,13 @@ Units live in field names: `_ns` integer nanoseconds from `time.perf_counter_ns(
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from pricing.errors import IMPLAUSIBLE
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: no intervals, no per-request records
@@ -82,20 +86,93 @@ class RequestRecord(BaseModel):
 
 STORED_PERCENTILES = (50, 90, 99)
 
+# ------------------------------------------------------------------------------------ plausibility
+# A record read from a file is checked for what no measurement can produce (a negative window, a
+# rate of 1e300/s, p90 above p99) before anything is priced from it. Each failure names its field
+# (errors.from_validation_error turns it into file:line and the dotted path).
+# No single server streams a billion tokens a second (an H200 serving an 8B model: ~1e4), nor
+# answers ten million requests a second.
+MAX_TOK_S = 1e9
+MAX_REQ_S = 1e7
+# Float noise between two percentiles of one sample (numpy's interpolation) is not disorder.
+ORDER_SLACK = 1e-9
+# Schema 2's output tokens are the flow's own numerator (tokens streamed in the window), and its
+# input tokens a part of the cohort's measured prompt tokens: only rounding separates them from
+# their rate x window_s. Its three rates are one flow over the mean lengths (lengths_mean).
+FLOW_REL_TOL = 0.01
+# Schema 1 counted the tokens of requests that started and ended in the window (47-100% of the
+# streamed flow in the committed H200 files), so there counts and rates need only agree within
+# this factor either way.
+LOOSE_FACTOR = 4.0
+
+
+def implausible(field: str, reason: str) -> PydanticCustomError:
+    """A plausibility failure of `field` (a path below the model that raises it)."""
+    return PydanticCustomError(IMPLAUSIBLE, "{field}: {reason}", {"field": field, "reason": reason})
+
+
+def _check_finite(field: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise implausible(field, f"must be a finite number (got {value})")
+
+
+def _check_count(field: str, count: int, rate_s: float, window_s: float, rule: Literal["equal", "at_most", "loose"]
+                 ) -> None:
+    """`count` against `rate_s` x `window_s`: equal or at most it within FLOW_REL_TOL (and a token
+    of rounding), or within LOOSE_FACTOR either way."""
+    expected = rate_s * window_s
+    slack = FLOW_REL_TOL * expected + 1.0
+    if rule == "equal":
+        ok, bound = abs(count - expected) <= slack, f"within {FLOW_REL_TOL:.0%} of"
+    elif rule == "at_most":
+        ok, bound = count <= expected + slack, "at most"
+    else:
+        ok = expected / LOOSE_FACTOR - 1.0 <= count <= expected * LOOSE_FACTOR + 1.0
+        bound = f"within a factor of {LOOSE_FACTOR:g} of"
+    if not ok:
+        raise implausible(field, f"{count:g} is not {bound} the rate x window ({rate_s:.6g}/s x {window_s:.6g} s "
+                                 f"= {expected:.6g}); the record is inconsistent")
+
+
+def _check_lengths(field: str, tok_s: float, rate_rps: float, tokens_per_request: float) -> None:
+    expected = rate_rps * tokens_per_request
+    if abs(tok_s - expected) > FLOW_REL_TOL * expected + 1e-9:
+        raise implausible(field, f"{tok_s:.6g}/s is not the request rate x mean tokens per request "
+                                 f"({rate_rps:.6g} x {tokens_per_request:.6g} = {expected:.6g}); the record is inconsistent")
+
 
 class LatencyStats(Frozen):
     """Percentiles (numpy 'linear' method) of one latency, in seconds, with their 95% intervals
     (measure.intervals); None when no sample."""
 
-    count: int
-    mean: float | None = None
-    p50: float | None = None
-    p90: float | None = None
-    p99: float | None = None
-    max: float | None = None
+    count: int = Field(ge=0)
+    mean: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    p50: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    p90: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    p99: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     p50_ci: Ci | None = None
     p90_ci: Ci | None = None
     p99_ci: Ci | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LatencyStats:
+        """p50 <= p90 <= p99 <= max, and the mean within [0, max]: true of any one sample."""
+        named = [(name, getattr(self, name)) for name in ("p50", "p90", "p99", "max")]
+        present = [(name, value) for name, value in named if value is not None]
+        for (low_name, low), (high_name, high) in zip(present, present[1:]):
+            if low > high * (1 + ORDER_SLACK):
+                raise implausible(high_name, f"{high:g} is below {low_name} {low:g}; percentiles must be ordered "
+                                             "p50 <= p90 <= p99 <= max")
+        if self.mean is not None and self.max is not None and self.mean > self.max * (1 + ORDER_SLACK):
+            raise implausible("mean", f"{self.mean:g} is above max {self.max:g}")
+        for p in STORED_PERCENTILES:
+            ci = getattr(self, f"p{p}_ci")
+            for end in ci or ():
+                _check_finite(f"p{p}_ci", end)
+            if ci is not None and None not in ci and ci[0] > ci[1] * (1 + ORDER_SLACK):
+                raise implausible(f"p{p}_ci", f"its low end {ci[0]:g} is above its high end {ci[1]:g}")
+        return self
 
     def at(self, percentile: float) -> tuple[float | None, Ci | None]:
         """A stored percentile and its interval; (None, None) for one not stored."""
@@ -108,29 +185,59 @@ class LatencyStats(Frozen):
 class WindowStats(Frozen):
     """Steady-state statistics of one probe (see README: Definitions)."""
 
-    window_s: float
-    completed: int  # requests of the latency sample that completed (schema 1: started and ended in the window)
-    failed: int  # errors among requests started in the window
+    window_s: float = Field(gt=0, allow_inf_nan=False)
+    completed: int = Field(ge=0)  # requests of the latency sample that completed (schema 1: started and ended in the window)
+    failed: int = Field(ge=0)  # errors among requests started in the window
     errors_by_kind: dict[str, int] = Field(default_factory=dict)
-    input_tokens: int  # prompt tokens of the completed requests
-    output_tokens: int
-    request_rate_rps: float  # output flow / mean output tokens per request (schema 1: of the completions)
-    input_tok_s: float
-    output_tok_s: float
+    input_tokens: int = Field(ge=0)  # prompt tokens of the completed requests
+    output_tokens: int = Field(ge=0)  # schema 2: streamed in the window (schema 1: of the completed requests)
+    request_rate_rps: float = Field(ge=0, le=MAX_REQ_S, allow_inf_nan=False)  # output flow / mean output tokens per request (schema 1: of the completions)
+    input_tok_s: float = Field(ge=0, le=MAX_TOK_S, allow_inf_nan=False)
+    output_tok_s: float = Field(ge=0, le=MAX_TOK_S, allow_inf_nan=False)
     ttft_s: LatencyStats
     tpot_s: LatencyStats
     itl_s: LatencyStats
     e2e_s: LatencyStats
     # Schema 2 (None in older records):
-    issued: int | None = None  # requests started in the window that ended, ok or failed
+    issued: int | None = Field(default=None, ge=0)  # requests started in the window that ended, ok or failed
     request_rate_rps_ci: Ci | None = None
     input_tok_s_ci: Ci | None = None
     output_tok_s_ci: Ci | None = None
-    measured_input_tok_s: float | None = None  # prompt tokens of requests whose first token came in the window
+    measured_input_tok_s: float | None = Field(default=None, ge=0, le=MAX_TOK_S, allow_inf_nan=False)  # prompt tokens of requests whose first token came in the window
     lengths_mean: tuple[float, float] | None = None  # (ISL, OSL) per request the rates are derived with
     # flow: the output flow over lengths_mean; arrivals: an open loop's requests sent in the window;
     # offered (older records): an open loop's nominal rate, where the flow kept up with it
     rate_source: Literal["flow", "arrivals", "offered"] | None = None
+
+    @model_validator(mode="after")
+    def _plausible(self) -> WindowStats:
+        """Counts, rates and the window agree with each other (see the constants above)."""
+        for kind, count in self.errors_by_kind.items():
+            if count < 0:
+                raise implausible(f"errors_by_kind.{kind}", f"a count must be >= 0 (got {count})")
+        if self.issued is not None and self.failed > self.issued:
+            raise implausible("failed", f"{self.failed} failed of {self.issued} issued: more than were issued")
+        for name in ("request_rate_rps_ci", "input_tok_s_ci", "output_tok_s_ci"):
+            for end in getattr(self, name) or ():
+                _check_finite(name, end)
+                if end is not None and end < 0:
+                    raise implausible(name, f"an interval of a rate cannot reach below 0 (got {end:g})")
+        if self.lengths_mean is not None:
+            isl, osl = self.lengths_mean
+            if osl > 0:
+                _check_lengths("output_tok_s", self.output_tok_s, self.request_rate_rps, osl)
+            if isl > 0:
+                _check_lengths("input_tok_s", self.input_tok_s, self.request_rate_rps, isl)
+        # An open loop's rates set to its offered rate are not the window's flow: ProbeRecord
+        # checks them against the load instead.
+        if self.rate_source != "offered":
+            rule = "equal" if self.rate_source == "flow" else "loose"
+            _check_count("output_tokens", self.output_tokens, self.output_tok_s, self.window_s, rule)
+        if self.measured_input_tok_s is not None:
+            _check_count("input_tokens", self.input_tokens, self.measured_input_tok_s, self.window_s, "at_most")
+        else:
+            _check_count("input_tokens", self.input_tokens, self.input_tok_s, self.window_s, "loose")
+        return self
 
     @property
     def error_rate(self) -> float:
@@ -180,6 +287,10 @@ class ProfileSummary(Frozen):
     max_model_len: int | None = None
     # A seeded draw of (ISL, OSL) pairs for $/request percentiles; at most 256.
     sample_pairs: list[tuple[int, int]] = Field(default_factory=list, max_length=256)
+    # Traffic of chat sessions (workload.sessions; None: independent requests): the share of
+    # prompt tokens that are earlier turns of the same session, and the mean turns per session.
+    history_share: float | None = Field(default=None, ge=0, le=1)
+    turns_per_session: float | None = Field(default=None, ge=1)
 
 
 # How prompts reach the server: token ids or text to /v1/completions, or chat messages. Text
@@ -192,16 +303,40 @@ class LoadSpec(Frozen):
 
     mode: Literal["closed", "open"]
     concurrency: int | None = Field(default=None, ge=1)  # closed loop; cap on in-flight for open loop
-    request_rate_rps: float | None = Field(default=None, gt=0)  # open loop
+    request_rate_rps: float | None = Field(default=None, gt=0, le=MAX_REQ_S, allow_inf_nan=False)  # open loop
     burstiness: float = Field(default=1.0, gt=0)  # gamma shape; 1.0 = Poisson
     think_s: float = Field(default=0.0, ge=0)  # closed loop: mean pause before a client's next request (gamma, load.client)
-    kind: Literal["decode", "prefill"] = "decode"  # prefill: max_tokens=1, for the price split
+    # decode: the traffic as it is. prefill: max_tokens=1 and fresh prompts, the input rate of the
+    # price split. prefill_cached: max_tokens=1 replaying sessions, so part of each prompt is a
+    # prefix-cache hit: the cost of a cached input token (cost.split).
+    kind: Literal["decode", "prefill", "prefill_cached"] = "decode"
     prompts: PromptKind = "token_ids"
+    # Chat sessions (load.sessions): each turn's prompt is the last prompt + its answer + new tokens,
+    # sent the data's think time x think_scale after the answer. A closed loop's concurrency is
+    # then the active sessions; an open loop's request rate arrives as sessions.
+    sessions: bool = False
+    think_scale: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _cached_prefill_replays_sessions(self) -> LoadSpec:
+        if self.kind == "prefill_cached" and not self.sessions:
+            raise ValueError("a prefill_cached probe replays sessions: set sessions")
+        return self
 
     @property
     def level(self) -> float:
         """The number the capacity search moves."""
         return float(self.concurrency if self.mode == "closed" else self.request_rate_rps)  # type: ignore[arg-type]
+
+    @property
+    def prefill_only(self) -> bool:
+        return self.kind != "decode"
+
+    @property
+    def replays_sessions(self) -> bool:
+        """Prompts that extend the session's last prompt and answer (a session sweep's `prefill`
+        probe sends the same lengths as fresh prompts: the cost of an uncached token)."""
+        return self.sessions and self.kind != "prefill"
 
 
 class DeploymentConfig(Frozen):
@@ -239,9 +374,13 @@ class EnergyStats(Frozen):
 
 
 # Why a probe ended before its window could be judged. window_not_filled: the server was too slow
-# to fill the window in --max-probe-s, an honest fail of every tier; server_failing: its first
-# requests all failed, so it says nothing about latency.
-AbortKind = Literal["window_not_filled", "server_failing"]
+# to fill the window in --max-probe-s, an honest fail of every tier. The others say nothing about
+# latency, so no tier is judged on them and a rerun measures the load again: server_failing, its
+# first requests all failed (HTTP errors); server_unreachable, connections were refused or reset
+# and nothing came back for seconds (the server is gone); server_stalled, requests were in flight
+# and not a byte came back for seconds (the server is hung).
+AbortKind = Literal["window_not_filled", "server_failing", "server_unreachable", "server_stalled"]
+SERVER_ABORTS: frozenset[str] = frozenset({"server_failing", "server_unreachable", "server_stalled"})
 
 
 def _legacy_abort(note: str | None) -> AbortKind | None:
@@ -260,7 +399,7 @@ class ProbeRecord(BaseModel):
 
     schema_version: Literal[1, 2] = SCHEMA_VERSION
     run_id: str
-    probe_index: int
+    probe_index: int = Field(ge=0)
     timestamp_utc: str
     config: DeploymentConfig
     profile: ProfileSummary
@@ -285,11 +424,23 @@ class ProbeRecord(BaseModel):
             data = {**data, "abort": _legacy_abort(data.get("note"))}
         return data
 
+    @model_validator(mode="after")
+    def _offered_rate_is_the_loads(self) -> ProbeRecord:
+        """An open loop's rates set to its offered rate (measure.probe.offered_rate) are that rate."""
+        offered = self.load.request_rate_rps
+        if self.stats.rate_source == "offered" and (
+                offered is None or abs(self.stats.request_rate_rps - offered) > FLOW_REL_TOL * offered):
+            raise implausible("stats.request_rate_rps", f"{self.stats.request_rate_rps:g} is marked as the offered "
+                                                        f"rate, but the load offered {offered}")
+        return self
+
     @property
     def workload(self) -> str:
-        """The profile, how prompts were sent unless as token ids, and a closed loop's think time
-        or an open loop's burstiness unless none: probes are compared and priced only within one."""
-        extras = [self.load.prompts] if self.load.prompts != "token_ids" else []
+        """The profile, whether its sessions were replayed (and their think-time scale), how prompts
+        were sent unless as token ids, and a closed loop's think time or an open loop's
+        burstiness unless none: probes are compared and priced only within one."""
+        extras = [f"sessions, think x{self.load.think_scale:g}"] if self.load.sessions else []
+        extras += [self.load.prompts] if self.load.prompts != "token_ids" else []
         if self.load.mode == "closed" and self.load.think_s > 0:
             extras.append(f"think {self.load.think_s:g} s")
         if self.load.mode == "open" and self.load.burstiness != 1.0:

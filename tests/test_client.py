@@ -1,7 +1,9 @@
 """The client against the mock server, whose latency truth is known."""
 
+import asyncio
 import itertools
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -152,3 +154,79 @@ async def test_streamed_token_rate_matches_what_the_server_wrote_including_cut_r
     assert result.stats.output_tok_s == pytest.approx(written / ((w1 - w0) / 1e9), rel=0.02)
     cut = [r for r in result.records if r.error == "cancelled" and len(r.chunk_ns) >= 5]
     assert cut and all(r.chunk_ns[-1] - r.chunk_ns[0] >= 0.005 * 1e9 * (len(r.chunk_ns) - 1) for r in cut)
+
+
+async def _kill_after(proc, delay_s: float) -> float:
+    await asyncio.sleep(delay_s)
+    proc.kill()
+    return time.monotonic()
+
+
+async def test_a_server_killed_mid_probe_stops_it_in_seconds_with_failures_counted_not_kept(mock_server):
+    """The issue's crash: 128 streams, the server SIGKILLed a second into the window. Before, the
+    closed loop spun through refused connections for the probe's whole max_duration_s, keeping
+    every failed record (gigabytes); now it stops in about unreachable_after_s."""
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    plan = ProbePlan(min_window_s=60, min_requests=10**6, max_duration_s=120, ramp_up_s=0.3, max_kept_failures=100)
+    killer = asyncio.create_task(_kill_after(mock.proc, 1.5))
+    result = await run_probe(cfg, closed(128), itertools.repeat((16, 20)), plan)
+    detect_s = time.monotonic() - await killer
+    assert result.abort == "server_unreachable" and result.aborted.startswith(f"server {mock.url} unreachable: ")
+    assert "connection refused" in result.aborted
+    assert plan.unreachable_after_s <= detect_s < plan.unreachable_after_s + 5, detect_s
+    kept = [r for r in result.records if r.error not in (None, "cancelled")]
+    assert len(kept) <= plan.max_kept_failures
+    stats = result.stats
+    assert stats.failed > 3 * plan.max_kept_failures  # the rest were counted
+    assert stats.failed == sum(stats.errors_by_kind.values()) <= stats.issued
+    assert set(stats.errors_by_kind) == {"connect", "disconnect"}
+
+
+async def test_a_hung_server_stops_the_probe_as_stalled(mock_server):
+    mock = mock_server(MockConfig(faults=Faults(hang_every=1)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    plan = ProbePlan(min_window_s=5, max_duration_s=60, server_stall_s=1.5)
+    started = time.monotonic()
+    result = await run_probe(cfg, closed(64), itertools.repeat((16, 8)), plan)
+    assert result.abort == "server_stalled" and f"server {mock.url} stalled: 64 request(s) in flight" in result.aborted
+    assert time.monotonic() - started < plan.server_stall_s + 3
+
+
+async def test_requests_that_hang_time_out_and_count_in_the_error_rate_at_high_concurrency(mock_server):
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005),
+                                  faults=Faults(hang_every=7)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", stall_timeout_s=0.5)
+    plan = ProbePlan(min_window_s=2.0, min_requests=50, ramp_up_s=0.3, server_stall_s=5)
+    result = await run_probe(cfg, closed(128), itertools.repeat((16, 8)), plan)
+    assert result.aborted is None and result.stats.completed >= 50
+    assert set(result.stats.errors_by_kind) == {"timeout"}
+    assert 0.03 < result.stats.error_rate < 0.3, result.stats.error_rate  # one request in 7 hangs
+
+
+async def test_bursts_of_503_count_in_the_error_rate_and_the_probe_ends(mock_server):
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005),
+                                  faults=Faults(burst_every_s=1.0, burst_s=0.25)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    plan = ProbePlan(min_window_s=3.0, min_requests=50, ramp_up_s=0.3, fail_fast_after=10**6)
+    result = await run_probe(cfg, closed(128), itertools.repeat((16, 8)), plan)
+    assert result.aborted is None and result.stats.completed >= 50
+    assert set(result.stats.errors_by_kind) == {"http_503"}
+    # A quarter of the time every request fails; workers back off while they do.
+    assert 0.02 < result.stats.error_rate < 0.5, result.stats.error_rate
+
+
+async def test_a_server_that_dies_in_the_probes_tail_gets_the_probe_measured_again(mock_server):
+    """The window closed, then the server died while the window's requests finished: their
+    failures would count against the load, so the probe is marked as the server's failure."""
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.01)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+
+    def kill_at_close(what: str, _at_ns: int) -> None:
+        if what == "close":
+            mock.proc.kill()
+
+    plan = ProbePlan(min_window_s=1.0, min_requests=5, tail_frac=5.0, ramp_up_s=0.2)
+    result = await run_probe(cfg, closed(8), itertools.repeat((16, 100)), plan, mark=kill_at_close)
+    assert result.abort == "server_unreachable" and result.aborted.endswith("and it does not answer")
+    assert result.stats.errors_by_kind.get("disconnect", 0) > 0

@@ -287,3 +287,27 @@ def test_bad_file_names_line_and_no_traceback(tmp_path, profile_file):
 def test_catalog_rates_used_match_hand_values():
     assert math.isclose(CATALOG.gpus["H100-SXM"].on_demand.usd_per_gpu_h, 2.99)
     assert CATALOG.gpus["L4"].on_demand.usd_per_gpu_h == 0.71 and CATALOG.gpus["H200"].spot.usd_per_gpu_h == 2.10
+
+
+def test_a_file_torn_by_a_crash_plans_with_a_warning_naming_the_line(tmp_path, profile_file):
+    torn = tmp_path / "torn.jsonl"
+    lines = PROBES_FILE.read_text().splitlines()
+    torn.write_text("\n".join(lines) + "\n" + lines[0][:57])
+    argv = ["--tier", "Fast", "--peak-rps", "12", "--profile", str(profile_file)]
+    code, out, err = run_cli(str(torn), *argv)
+    assert code == 0, err
+    assert f"warning: {torn}:{len(lines) + 1}: torn last line skipped" in err
+    assert out == run_cli(str(PROBES_FILE), *argv)[1], "the torn line changes nothing"
+
+
+def test_an_implausible_record_is_one_line_naming_file_line_and_field(tmp_path, profile_file):
+    import json
+
+    lines = PROBES_FILE.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["stats"]["completed"] = -3
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([lines[0], json.dumps(bad), *lines[2:]]) + "\n")
+    code, _, err = run_cli(str(path), "--tier", "Fast", "--peak-rps", "12", "--profile", str(profile_file))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {path}:2: stats.completed: Input should be greater than or equal to 0")

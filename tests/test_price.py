@@ -194,7 +194,8 @@ def test_prices_always_recover_cost(rps, rate, isl, osl, prefill_tok_s, split, r
 def test_price_rows_recover_cost(rps, isl, osl, prefill, split):
     probes = [make_probe(rps=rps, isl=isl, osl=osl, window_s=1000.0, level=4)]
     if prefill:
-        probes.append(make_probe(rps=rps, kind="prefill", level=4, input_tok_s=rps * isl * 3))
+        probes.append(make_probe(rps=rps, isl=isl, osl=osl, window_s=1000.0, kind="prefill", level=4,
+                                 input_tok_s=rps * isl * 3))
     row = price_records(probes, [BASELINE], CATALOG, PricingParams(split=split))[0]
     total = row.mean_isl * row.input_usd_per_mtok + row.mean_osl * row.output_usd_per_mtok
     assert total / 1e6 == pytest.approx(row.cost_usd_per_request, rel=1e-3)
@@ -326,3 +327,30 @@ def test_capacity_without_a_failing_probe_above_is_a_lower_bound(capsys):
     assert row.capacity_lower_bound and any("lower bound" in w for w in row.warnings)
     bounded = open_ended + [make_probe(rps=6.0, level=16, ttft=3.0, index=2)]
     assert not price_records(bounded, [BASELINE], CATALOG)[0].capacity_lower_bound
+
+
+def test_a_file_torn_by_a_crash_prices_with_a_warning_naming_the_line(tmp_path):
+    torn = tmp_path / "torn.jsonl"
+    lines = PROBES_FILE.read_text().splitlines()
+    torn.write_text("\n".join(lines) + "\n" + lines[0][:57])  # the crash cut the last line short
+    code, out, err = run_cli(str(torn))
+    assert code == 0 and "1xH100-SXM" in out
+    assert f"warning: {torn}:{len(lines) + 1}: torn last line skipped" in err and "error" not in err
+    assert out == run_cli(str(PROBES_FILE))[1], "the torn line changes nothing"
+
+
+def test_keep_going_skips_each_bad_record_with_one_line_and_prices_the_rest(tmp_path):
+    lines = PROBES_FILE.read_text().splitlines()
+    bad_window = json.dumps(_probe_line(stats__window_s=-15))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([lines[0], bad_window, *lines[1:], "{not json"]) + "\n")
+    code, out, err = run_cli(str(mixed))
+    assert code == 2 and out == "" and f"{mixed}:2: stats.window_s: Input should be greater than 0" in err
+    code, out, err = run_cli(str(mixed), "--keep-going")
+    assert code == 2 and "1xH100-SXM" in out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {mixed}:2: stats.window_s: Input should be greater than 0 (got -15)",
+                      f"error: {mixed}:{len(lines) + 2}: malformed JSON at column 2: Expecting property name "
+                      "enclosed in double quotes"]
+    # The rest priced exactly as the clean file.
+    assert out == run_cli(str(PROBES_FILE))[1]

@@ -71,7 +71,8 @@ def week_profile(raw, tmp_path_factory):
 
 def test_stats_match_numpy(week_profile, week, raw):
     p = week_profile
-    assert p.turns == len(week["isl"]) and p.skipped == {"turns_outside_window": len(raw["isl"]) - len(week["isl"])}
+    assert p.turns == len(week["isl"]) and p.skipped["turns_outside_window"] == len(raw["isl"]) - len(week["isl"])
+    assert set(p.skipped) == {"turns_outside_window", "sessions_outside_window"}  # the latter: test_sessions
     for stats_, values in ((p.isl, week["isl"]), (p.osl, week["osl"])):
         assert stats_.mean == np.mean(values)  # exact: same summation
         assert [stats_.p50, stats_.p90, stats_.p99] == np.percentile(values, [50, 90, 99], method="linear").tolist()
@@ -295,7 +296,12 @@ def test_conversations_through_datasets(fmt, tokenizer_dir, tmp_path, monkeypatc
     assert p.arrivals.hourly_counts[24 + 10] == 2  # both turns of the first chat, 2024-03-18 10:xx
     # JSONL rows outside the slice are read and counted; Parquet's are filtered at the reader.
     outside = {"conversations_outside_window": 1} if fmt == "jsonl" else {}
-    assert p.skipped == {"turns_outside_window": 1, "conversations_without_answer": 1} | outside
+    assert p.skipped == {"turns_outside_window": 1, "conversations_without_answer": 1,
+                         "sessions_outside_window": 1} | outside
+    # a session per conversation that starts in the slice; the first chat's answers are unstamped,
+    # so its think time runs from the previous user turn (10:00 to 10:05)
+    assert p.session_pool == [[(3, 5, 0.0), (13 - 3 - 5, 7, 300.0)], [(4, 1, 0.0)]]
+    assert p.sessions.rule == "each conversation's answered user turns"
 
 
 # ---- bad input: one line, file:line and field, exit code 2 -----------------------------------

@@ -393,3 +393,14 @@ def _stream_completion(base_url: str, model: str, prompt: str, max_tokens: int) 
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return [line.decode().removeprefix("data: ").strip() for line in response if line.startswith(b"data: ")]
+
+
+def test_exit_cause_of_a_server_that_was_serving() -> None:
+    from pricing.serving.server import exit_cause
+
+    # Words of a start-up failure in a healthy log do not hide the signal that ended it.
+    log = ["INFO ... out of memory checks passed", "ValueError: bad request from a client"]
+    assert exit_cause(log, -signal.SIGKILL).startswith("was killed (SIGKILL")
+    assert exit_cause(log, -signal.SIGTERM) == "was stopped by SIGTERM"
+    assert exit_cause(log, 1) == "exited with code 1: ValueError: bad request from a client"
+    assert exit_cause([], 0) == "exited with code 0"

@@ -13,7 +13,7 @@ from pricing.measure.requests import arrival_rate, cohort
 from pricing.measure.slo import Figures, slo_verdicts, stored_figures
 from pricing.measure.window import latency_at
 from pricing.results import SourcedProbe, Warn
-from pricing.schema import STORED_PERCENTILES, ProbeRecord, SloTier
+from pricing.schema import SERVER_ABORTS, STORED_PERCENTILES, ProbeRecord, SloTier
 from pricing.units import fmt_ms, fmt_s
 
 LoadMode = Literal["closed", "open"]
@@ -61,9 +61,10 @@ def fell_behind(rec: ProbeRecord, arrival_rps: float) -> bool:
 
 
 def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> Point | None:
-    """What one decode probe says about a tier (None: it says nothing, the server was failing)."""
+    """What one decode probe says about a tier (None: it says nothing, the server failed, went
+    away or hung during it)."""
     rec: ProbeRecord = probe.record
-    if rec.abort == "server_failing":
+    if rec.abort in SERVER_ABORTS:
         return None
     stats = rec.stats
     rate = stats.request_rate_rps
@@ -137,10 +138,11 @@ def failure_reason(probes: Sequence[SourcedProbe], tier: SloTier, mode: LoadMode
     return f"no probe meets TTFT, TPOT and errors at once; nearest ({level.mode} load {level.level:g}): {misses}"
 
 
-def pick_prefill(probes: Sequence[SourcedProbe], closed_level: float | None) -> SourcedProbe | None:
-    """The prefill probe whose concurrency is closest to the tier's closed-loop capacity (the
-    sweep runs one there), else the highest."""
-    prefill = [p for p in probes if p.record.load.kind == "prefill" and p.record.stats.input_tok_s > 0]
+def pick_prefill(probes: Sequence[SourcedProbe], closed_level: float | None,
+                 kind: Literal["prefill", "prefill_cached"] = "prefill") -> SourcedProbe | None:
+    """The prefill probe (of `kind`) whose concurrency is closest to the tier's closed-loop
+    capacity (the sweep runs one there), else the highest."""
+    prefill = [p for p in probes if p.record.load.kind == kind and p.record.stats.input_tok_s > 0]
     if not prefill:
         return None
     target = closed_level if closed_level is not None else max(p.record.load.level for p in prefill)

@@ -2,11 +2,14 @@
 
 Two steps. The closed-loop search (concurrency) finds each tier's neighbourhood fast; one
 prefill-only probe (max_tokens=1) per closed-loop capacity gives the input-token rate the price
-split needs; then an open-loop search (Poisson arrivals, request rate) starts at each tier's
-closed-loop capacity rate, which is its confirmation, and resolves the capacity a service with
-independent arrivals has. Probes already in the results file (same config, profile, prompt kind
-and schema) are reused, so a rerun after a crash continues where the last one stopped. Each
-probe's per-request records go to the `.requests.jsonl` file beside the results, before its line.
+split needs (a session sweep adds a prefill-only replay of the sessions there, whose prefix-cache
+hits give the cost of a cached input token); then an open-loop search (Poisson arrivals, request
+rate) starts at each tier's closed-loop capacity rate, which is its confirmation, and resolves
+the capacity a service with independent arrivals has. Probes already in the results file (same config, profile, prompt kind
+and schema) are reused, so a rerun after a crash continues where the last one stopped; a probe
+that stopped because the server failed, went away or hung (schema.SERVER_ABORTS) stays in the
+file as what happened, but is measured again. Such a probe stops the sweep ("server_failed").
+Each probe's per-request records go to the `.requests.jsonl` file beside the results, before its line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pricing.measure.slo import meets
 from pricing.results import SourcedProbe, append_record, read_records, repair_torn_tail
 from pricing.schema import (
     SCHEMA_VERSION,
+    SERVER_ABORTS,
     DeploymentConfig,
     LoadSpec,
     ProbeRecord,
@@ -40,6 +44,7 @@ from pricing.schema import (
 
 ProbeFn = Callable[[LoadSpec, int], Awaitable[ProbeResult]]
 Mode = Literal["closed", "open"]
+Kind = Literal["decode", "prefill", "prefill_cached"]
 
 
 class SweepSpec(Strict):
@@ -59,6 +64,8 @@ class SweepSpec(Strict):
     max_open_probes: int = Field(default=8, ge=0)  # its probes, this invocation
     burstiness: float = Field(default=1.0, gt=0)  # open-loop arrivals: gamma shape (1 = Poisson)
     think_s: float = Field(default=0.0, ge=0)  # closed loop: mean think time between a client's requests
+    sessions: bool = False  # replay the profile's chat sessions (load.sessions)
+    think_scale: float = Field(default=1.0, ge=0)  # sessions: the data's think times x this
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -77,7 +84,8 @@ class _Silent:
         pass
 
 
-# budget: a step's probe budget was spent (rerun to continue); server_failed: a probe completed no request.
+# budget: a step's probe budget was spent (rerun to continue); server_failed: the server failed,
+# went away or hung during a probe (or a probe completed no request).
 StopKind = Literal["budget", "server_failed"]
 
 
@@ -89,20 +97,33 @@ class SweepOutcome(BaseModel):
     open_probes_run: int = 0
     stop: StopKind | None = None  # why the sweep stopped early, if it did
     stopped: str | None = None  # the same, for people
+    failed_probe: ProbeRecord | None = None  # the probe that stopped it with server_failed
     warnings: list[str] = Field(default_factory=list)  # e.g. Poisson arrivals at a closed-loop capacity fail
 
 
-def _load(spec: SweepSpec, mode: Mode, level: float, kind: Literal["decode", "prefill"]) -> LoadSpec:
+def _load(spec: SweepSpec, mode: Mode, level: float, kind: Kind) -> LoadSpec:
+    workload = dict(kind=kind, prompts=spec.prompts, sessions=spec.sessions, think_scale=spec.think_scale)
     if mode == "closed":
-        return LoadSpec(mode="closed", concurrency=int(level), kind=kind, prompts=spec.prompts, think_s=spec.think_s)
-    return LoadSpec(mode="open", request_rate_rps=level, kind=kind, prompts=spec.prompts, burstiness=spec.burstiness)
+        return LoadSpec(mode="closed", concurrency=int(level), think_s=spec.think_s, **workload)
+    return LoadSpec(mode="open", request_rate_rps=level, burstiness=spec.burstiness, **workload)
 
 
 def _same_sweep(rec: ProbeRecord, spec: SweepSpec) -> bool:
     same_load = (rec.load.think_s == spec.think_s if rec.load.mode == "closed"
                  else rec.load.burstiness == spec.burstiness)
+    same_sessions = rec.load.sessions == spec.sessions and (not spec.sessions or rec.load.think_scale == spec.think_scale)
     return (rec.config.key == spec.config.key and rec.profile.name == spec.profile.name
-            and rec.load.prompts == spec.prompts and rec.schema_version == SCHEMA_VERSION and same_load)
+            and rec.load.prompts == spec.prompts and rec.schema_version == SCHEMA_VERSION and same_load
+            and same_sessions)
+
+
+def server_failure(record: ProbeRecord) -> str | None:
+    """Why this probe says the server failed (None: it measured the server)."""
+    if record.abort in SERVER_ABORTS:
+        return record.note or record.abort
+    if record.load.kind == "decode" and record.stats.completed == 0 and record.abort != "window_not_filled":
+        return f"it completed no request{f': {record.note}' if record.note else ''}"
+    return None
 
 
 def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult, requests_file: str | None
@@ -151,15 +172,18 @@ class _Run:
     def __init__(self, spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents) -> None:
         self.spec, self.probe, self.out_path, self.events = spec, probe, out_path, events
         repair_torn_tail(out_path)
-        self.records = [r for r in read_records(out_path) if _same_sweep(r, spec)]
-        self.next_index = max((r.probe_index for r in self.records), default=-1) + 1
+        mine = [r for r in read_records(out_path) if _same_sweep(r, spec)]
+        # A probe the server's failure cut short measured nothing: its load is probed again.
+        self.records = [r for r in mine if server_failure(r) is None]
+        self.next_index = max((r.probe_index for r in mine), default=-1) + 1
+        self.failed: ProbeRecord | None = None  # the probe during which the server failed
         for rec in self.records:
             events.probe_finished(rec, reused=True)
 
-    def levels(self, mode: Mode, kind: Literal["decode", "prefill"] = "decode") -> set[float]:
+    def levels(self, mode: Mode, kind: Kind = "decode") -> set[float]:
         return {r.load.level for r in self.records if r.load.mode == mode and r.load.kind == kind}
 
-    async def measure(self, mode: Mode, level: float, kind: Literal["decode", "prefill"]) -> ProbeRecord:
+    async def measure(self, mode: Mode, level: float, kind: Kind) -> ProbeRecord:
         load = _load(self.spec, mode, level, kind)
         self.events.probe_started(load, self.next_index)
         result = await self.probe(load, self.next_index)
@@ -171,10 +195,21 @@ class _Run:
             requests_file = sidecar.name
         record = _to_record(self.spec, self.next_index, load, result, requests_file)
         append_record(self.out_path, record)
-        self.records.append(record)
         self.next_index += 1
         self.events.probe_finished(record, reused=False)
+        if server_failure(record) is None:
+            self.records.append(record)
+        elif self.failed is None:
+            self.failed = record
         return record
+
+    def server_stop(self) -> tuple[StopKind, str] | None:
+        """The sweep's stop once a probe found the server failed."""
+        if self.failed is None:
+            return None
+        load = self.failed.load
+        return "server_failed", (f"probe #{self.failed.probe_index} ({load.mode} {load.kind}, load {load.level:g}): "
+                                 f"{server_failure(self.failed)}")
 
     async def search(self, mode: Mode, params: SearchParams, budget: int,
                      first: dict[str, float] | None = None) -> tuple[int, StopKind | None, str | None]:
@@ -195,10 +230,10 @@ class _Run:
                 return run, None, None
             if run >= budget:
                 return run, "budget", f"{mode}-loop probe budget of {budget} spent; rerun to continue"
-            record = await self.measure(mode, level, "decode")
+            await self.measure(mode, level, "decode")
             run += 1
-            if record.stats.completed == 0 and record.abort != "window_not_filled":
-                return run, "server_failed", f"probe at {mode} load {level:g} completed no request: {record.note}"
+            if (stop := self.server_stop()) is not None:
+                return run, *stop
 
 
 async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: SweepEvents | None = None) -> SweepOutcome:
@@ -214,18 +249,26 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
         # Prefill probes at the capacities known so far, also when the budget ran out: without
         # them the pricer can only fall back to a fixed ratio.
         if spec.prefill_probes:
-            for level in sorted({c.level for c in closed.values() if c.kind == "found" and c.level}):
-                if level not in state.levels("closed", "prefill"):
-                    await state.measure("closed", level, "prefill")
+            kinds: tuple[Kind, ...] = ("prefill", "prefill_cached") if spec.sessions else ("prefill",)
+            found = sorted({c.level for c in closed.values() if c.kind == "found" and c.level})
+            wanted = [(level, kind) for level in found for kind in kinds]
+            for level, kind in wanted:
+                if level not in state.levels("closed", kind):
+                    await state.measure("closed", level, kind)
+                    if (server_stop := state.server_stop()) is not None:
+                        stop, stopped = server_stop
+                        break
         rates = {name: c.rate_rps for name, c in closed.items() if c.kind == "found" and c.rate_rps}
-        if spec.open_loop and rates and spec.max_open_probes > 0:
+        if spec.open_loop and rates and spec.max_open_probes > 0 and stop != "server_failed":
             params = _open_params(spec, list(rates.values()), state.records)
             open_run, open_stop, open_stopped = await state.search("open", params, spec.max_open_probes, first=rates)
-            stop, stopped = stop or open_stop, stopped or open_stopped
+            if open_stop is not None and (stop is None or open_stop == "server_failed"):
+                stop, stopped = open_stop, open_stopped
             warnings += _confirmation_warnings(state.records, spec.tiers, rates)
     return SweepOutcome(closed=capacities(state.records, spec.tiers, "closed"),
                         open=capacities(state.records, spec.tiers, "open"), records=state.records,
-                        probes_run=run, open_probes_run=open_run, stop=stop, stopped=stopped, warnings=warnings)
+                        probes_run=run, open_probes_run=open_run, stop=stop, stopped=stopped, warnings=warnings,
+                        failed_probe=state.failed)
 
 
 def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], rates: dict[str, float]

@@ -1,13 +1,13 @@
 """Price rows, pure functions: for each config and SLO tier, the hourly cost at its capacity
-turned into input/output prices (cost.split), with their variants, energy and $/request. The
-row is what every output (console, HTML, JSON) is built from; which probe sets the capacity
-is pricing.capacity.choice's business.
+turned into input, cached-input and output prices (cost.split, cost.cached), with their
+variants, energy and $/request. The row is what every output (console, HTML, JSON) is built
+from; which probe sets the capacity is pricing.capacity.choice's business.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -21,6 +21,7 @@ from pricing.capacity.choice import (
     tier_capacity,
 )
 from pricing.capacity.curve import Capacity
+from pricing.cost.cached import CachedShare, cached_share, served_share
 from pricing.cost.catalog import (
     PRICING_TIERS,
     Catalog,
@@ -38,6 +39,7 @@ from pricing.cost.split import (
     request_tokens,
     split_prices,
 )
+from pricing.measure.server_metrics import cache_hit_share
 from pricing.results import SourcedProbe, Warn
 from pricing.schema import Frozen, ProbeRecord, SloTier, Strict, config_label
 
@@ -62,6 +64,7 @@ class PricingParams(Frozen):
 class PricePair(Frozen):
     input_usd_per_mtok: float
     output_usd_per_mtok: float
+    cached_input_usd_per_mtok: float | None = None
 
 
 class EnergyPrices(Frozen):
@@ -125,11 +128,24 @@ class PriceRow(Frozen):
     cost_usd_per_request: float | None = None
     input_usd_per_mtok: float | None = None
     output_usd_per_mtok: float | None = None
-    # 95% intervals of the prices, from the capacity's and the prefill rate's (None: unbounded)
+    cached_input_usd_per_mtok: float | None = None  # an input token the prefix cache served
+    # 95% intervals of the prices, from the capacity's, the prefill rate's and the cached share's (None: unbounded)
     input_usd_per_mtok_low: float | None = None
     input_usd_per_mtok_high: float | None = None
     output_usd_per_mtok_low: float | None = None
     output_usd_per_mtok_high: float | None = None
+    cached_input_usd_per_mtok_low: float | None = None
+    cached_input_usd_per_mtok_high: float | None = None
+    # The cached price as a share of the input price: measured from a prefill-only session replay
+    # (cached_probe) beside the fresh prefill probe, or assumed (cost.split.ASSUMED_CACHED_FRACTION).
+    cached_fraction: float | None = None
+    cached_source: Literal["measured", "assumed"] | None = None
+    cached_probe: str | None = None
+    # Per request at capacity: input tokens the prefix cache served (part of mean_isl), that share
+    # as the server counted it, and the profile's share of input tokens that are history.
+    mean_cached_isl: float | None = None
+    cache_hit_frac: float | None = None
+    history_share: float | None = None
     recovering: PricePair | None = None  # split == "seed": the cost-recovering prices for the same data
     usd_per_request_p50: float | None = None
     usd_per_request_p90: float | None = None
@@ -149,7 +165,8 @@ class PriceRow(Frozen):
 # ------------------------------------------------------------------------------------ rows
 def per_mtok(split: SplitResult) -> PricePair:
     return PricePair(input_usd_per_mtok=split.input_usd_per_tok * MTOK,
-                     output_usd_per_mtok=split.output_usd_per_tok * MTOK)
+                     output_usd_per_mtok=split.output_usd_per_tok * MTOK,
+                     cached_input_usd_per_mtok=split.cached_input_usd_per_tok * MTOK)
 
 
 def mark_cheapest(rows: Sequence[PriceRow]) -> list[PriceRow]:
@@ -202,7 +219,8 @@ class _AtRate:
 
 @dataclass(frozen=True)
 class _Operating:
-    """A server at its capacity: request rate, tokens per request, prefill rate and power."""
+    """A server at its capacity: request rate, tokens per request (cached ones among the input),
+    prefill rate, the cached token's share of a new one's price, and power."""
 
     rate_rps: float
     isl: float
@@ -210,6 +228,8 @@ class _Operating:
     prefill_tok_s: float | None
     power_w: float | None
     gpu_count: int
+    cached_isl: float = 0.0
+    cached_fraction: float = 0.0
 
 
 def _price_at_rate(gpu_rate_usd_h: float, op: _Operating, usd_per_kwh: float, params: PricingParams) -> _AtRate:
@@ -219,28 +239,31 @@ def _price_at_rate(gpu_rate_usd_h: float, op: _Operating, usd_per_kwh: float, pa
     h_eff = effective_hourly_usd(hourly, params.utilization, params.margin)
     cost = cost_per_request_usd(h_eff, op.rate_rps)
     reason = "no prefill probe (load.kind == 'prefill') for this config"
-    recovering = recovering_split(cost, h_eff, op.isl, op.osl, params.ratio, op.prefill_tok_s, reason)
+    cached = dict(mean_cached=op.cached_isl, cached_frac=op.cached_fraction)
+    recovering = recovering_split(cost, h_eff, op.isl, op.osl, params.ratio, op.prefill_tok_s, reason, **cached)
     chosen = recovering if params.split == "prefill" else split_prices(
         params.split, cost, h_eff, op.isl, op.osl, params.ratio, op.prefill_tok_s, op.rate_rps * op.isl,
-        op.rate_rps * op.osl)
+        op.rate_rps * op.osl, **cached)
     return _AtRate(hourly, energy_usd_h, h_eff, cost, chosen, recovering)
 
 
 def _price_bounds(gpu_rate: float, op: _Operating, cap: Capacity, prefill_ci: tuple[float | None, float | None],
-                  usd_per_kwh: float, params: PricingParams) -> dict[str, float]:
-    """Price intervals: the prices at every corner of the capacity's interval and the prefill
-    rate's; empty (unbounded) when either interval is."""
+                  share: CachedShare, usd_per_kwh: float, params: PricingParams) -> dict[str, float]:
+    """Price intervals: the prices at every corner of the capacity's interval, the prefill
+    rate's and the cached share's; empty (unbounded) when any of them is."""
     prefills = prefill_ci if op.prefill_tok_s is not None else (None,)
     ends = [cap.rate_low, cap.rate_high, *prefills] if op.prefill_tok_s is not None else [cap.rate_low, cap.rate_high]
-    if any(end is None or end <= 0 for end in ends):
+    if any(end is None or end <= 0 for end in ends) or share.low is None or share.high is None:
         return {}
-    corners = [_price_at_rate(gpu_rate, _Operating(rate, op.isl, op.osl, prefill, op.power_w, op.gpu_count),
+    corners = [_price_at_rate(gpu_rate, replace(op, rate_rps=rate, prefill_tok_s=prefill, cached_fraction=fraction),
                               usd_per_kwh, params).chosen
-               for rate in (cap.rate_low, cap.rate_high) for prefill in prefills]
-    prices_in = [c.input_usd_per_tok * MTOK for c in corners]
-    prices_out = [c.output_usd_per_tok * MTOK for c in corners]
-    return {"input_usd_per_mtok_low": min(prices_in), "input_usd_per_mtok_high": max(prices_in),
-            "output_usd_per_mtok_low": min(prices_out), "output_usd_per_mtok_high": max(prices_out)}
+               for rate in (cap.rate_low, cap.rate_high) for prefill in prefills for fraction in (share.low, share.high)]
+    bounds = {}
+    for name, price in (("input", lambda c: c.input_usd_per_tok), ("output", lambda c: c.output_usd_per_tok),
+                        ("cached_input", lambda c: c.cached_input_usd_per_tok)):
+        values = [price(c) * MTOK for c in corners]
+        bounds |= {f"{name}_usd_per_mtok_low": min(values), f"{name}_usd_per_mtok_high": max(values)}
+    return bounds
 
 
 def _tokens_per_request(probe: SourcedProbe) -> tuple[float, float]:
@@ -304,15 +327,21 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     power_w = energy.energy_j / stats.window_s if energy is not None and stats.window_s > 0 else None
     usd_per_kwh = catalog.regions[region].usd_per_kwh
     prefill_tok_s = prefill.record.stats.input_tok_s if prefill is not None else None
-    op = _Operating(cap.rate_rps, isl, osl, prefill_tok_s, power_w, cfg.gpu_count)
+    share = cached_share(probes, prefill, closed.level if closed.kind != "none" else None)
+    hit, hit_warning = served_share(near)
+    op = _Operating(cap.rate_rps, isl, osl, prefill_tok_s, power_w, cfg.gpu_count, hit * isl, share.fraction)
     at = _price_at_rate(rate, op, usd_per_kwh, params)
     variants = {t: per_mtok(_price_at_rate(r, op, usd_per_kwh, params).chosen) for t, r in rates.items()}
     prefill_ci = (prefill.record.stats.input_tok_s_ci or (prefill_tok_s, prefill_tok_s)) if prefill else (None, None)
-    bounds = _price_bounds(rate, op, cap, prefill_ci, usd_per_kwh, params) if cap.kind == "found" else {}
+    bounds = _price_bounds(rate, op, cap, prefill_ci, share, usd_per_kwh, params) if cap.kind == "found" else {}
     pairs = near.record.profile.sample_pairs or [(isl, osl)]
-    p_in, p_out = at.chosen.input_usd_per_tok, at.chosen.output_usd_per_tok
-    per_request = np.percentile(np.array([i * p_in + o * p_out for i, o in pairs]), [50, 90, 99])
+    p_in, p_out, p_cached = at.chosen.input_usd_per_tok, at.chosen.output_usd_per_tok, at.chosen.cached_input_usd_per_tok
+    # A request's cached input is taken as the capacity probe's share of its prompt.
+    per_request = np.percentile(np.array([i * (1.0 - hit) * p_in + i * hit * p_cached + o * p_out for i, o in pairs]),
+                                [50, 90, 99])
     warnings = [*at.chosen.warnings, *warnings, *_interval_warnings(cap, mode)]
+    if near.record.load.replays_sessions:
+        warnings += [w for w in (share.warning, hit_warning) if w]
     if params.split == "seed":
         warnings.insert(0, "seed convention: NOT cost-recovering (input and output prices each collect the full "
                            "hourly cost, 2x in total); 'recovering' holds the default cost-recovering prices")
@@ -335,7 +364,11 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
         gpu_rate_usd_h=rate, hourly_cost_usd=at.hourly_usd * n,
         energy_usd_h=at.energy_usd_h * n if power_w is not None else None,
         effective_hourly_cost_usd=at.effective_usd_h * n, cost_usd_per_request=at.cost_usd,
-        input_usd_per_mtok=prices.input_usd_per_mtok, output_usd_per_mtok=prices.output_usd_per_mtok, **bounds,
+        input_usd_per_mtok=prices.input_usd_per_mtok, output_usd_per_mtok=prices.output_usd_per_mtok,
+        cached_input_usd_per_mtok=prices.cached_input_usd_per_mtok, **bounds,
+        cached_fraction=share.fraction, cached_source=share.source, cached_probe=share.probe,
+        mean_cached_isl=hit * isl, cache_hit_frac=cache_hit_share(near.record.server_metrics),
+        history_share=near.record.profile.history_share,
         recovering=per_mtok(at.recovering) if params.split == "seed" else None,
         usd_per_request_p50=float(per_request[0]), usd_per_request_p90=float(per_request[1]),
         usd_per_request_p99=float(per_request[2]),

@@ -1,4 +1,6 @@
-"""Streaming load generator for vLLM's OpenAI-compatible API (closed and open loop).
+"""Requests to vLLM's OpenAI-compatible API: where and how to send them (`ClientConfig`), how
+long a probe runs (`ProbePlan`), and one streaming request (`send_request`, `stream_request`).
+The loops that drive them are `loops.py`.
 
 The hot loop only reads and stamps: each network read gets `perf_counter_ns()` and its bytes
 are kept; SSE events are split and parsed after the stream ends (`sse.py`).
@@ -8,27 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from pricing.load.read_stamps import ReadLog, stamped_connector
+from pricing.load.read_stamps import ReadLog
+from pricing.load.server_watch import describe, error_kind
 from pricing.load.sse import parse_stream
-from pricing.schema import (
-    CANCELLED,
-    AbortKind,
-    LoadSpec,
-    PromptKind,
-    RequestRecord,
-    Strict,
-)
-from pricing.workload.prompts import PromptFactory, PromptSource
-
-OnRecord = Callable[[RequestRecord], None]
+from pricing.schema import CANCELLED, PromptKind, RequestRecord, Strict
 
 
 class ClientConfig(BaseModel):
@@ -42,8 +34,11 @@ class ClientConfig(BaseModel):
     prompt_format: Literal["token_ids", "text"] = "token_ids"  # for completions; chat sends text
     tokenizer: str | None = None  # local tokenizer for text prompts; without one, the server's /detokenize
     api_key: SecretStr | None = None  # SecretStr: never printed or dumped in clear
-    request_timeout_s: float = Field(default=600.0, gt=0)
-    stall_timeout_s: float = Field(default=60.0, gt=0)  # no bytes for this long -> "timeout"
+    # A request is given up as "timeout" when the server sends no byte for stall_timeout_s (its
+    # first token queued that long fails every tier anyway), or after request_timeout_s in all
+    # (a probe runs 300 s at most by default: a request longer than that is cut at its end anyway).
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    stall_timeout_s: float = Field(default=30.0, gt=0)
     vocab_size: int = Field(default=32000, ge=16)
     seed: int = 0
 
@@ -75,75 +70,19 @@ class ProbePlan(Strict):
     ramp_up_s: float = Field(default=0.0, ge=0)
     # Give up early when this many requests failed and none succeeded (server down).
     fail_fast_after: int = Field(default=20, ge=1)
+    # Stop the probe when the server is gone: connections refused or reset, in a row, and nothing
+    # received for this long (load.server_watch).
+    unreachable_after_s: float = Field(default=3.0, gt=0)
+    # Stop the probe when the server is hung: requests in flight and not a byte from it, on any
+    # of them, for this long. A busy server still streams to the requests it runs; only a single
+    # engine step (a huge prefill) longer than this would look hung.
+    server_stall_s: float = Field(default=10.0, gt=0)
+    # Failed requests beyond this many are counted (per error kind), not kept: a server failing
+    # every request at once must not fill memory with records.
+    max_kept_failures: int = Field(default=1000, ge=0)
 
 
-# Called at most every STOP_RULE_EVERY_S once the window is long enough: (records so far, window
-# start, now) -> True when the figures the probe is judged on are decided.
-StopRule = Callable[[Sequence[RequestRecord], int, int], bool]
-# Told when the window opens and when it closes (e.g. to scrape the server's /metrics then).
-WindowMark = Callable[[Literal["open", "close"], int], None]
-STOP_RULE_EVERY_S = 1.0
-
-
-@dataclass
-class LoadRun:
-    """What driving one load level produced: raw records and the window; statistics are measure's."""
-
-    records: list[RequestRecord]
-    window_start_ns: int
-    window_end_ns: int  # when the window closed; records go on to the end of the tail
-    aborted: str | None = None  # why the probe stopped early, for people
-    abort: AbortKind | None = None  # the same, for code
-    prompt_wait_s: float | None = None  # mean wait per in-window request for its prompt (None: none taken)
-    undecided_at_cap: bool = False  # the stop rule never said decided before max_duration_s
-
-
-@dataclass
-class _RunState:
-    plan: ProbePlan
-    load: LoadSpec
-    on_record: OnRecord | None
-    records: list[RequestRecord] = field(default_factory=list)
-    window_start_ns: int | None = None
-    window_end_ns: int | None = None
-    window_target_s: float = 0.0
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    ok_count: int = 0
-    fail_count: int = 0
-    window_completions: int = 0
-    in_flight: int = 0  # requests sent and not yet recorded
-    tail_pending: int = 0  # requests sent before the window closed that have not finished
-    aborted: str | None = None
-    abort: AbortKind | None = None
-    undecided_at_cap: bool = False
-    prompt_wait_ns: int = 0  # in the window, summed over requests: time spent waiting for a prompt
-    prompts_taken: int = 0  # in the window
-
-    def add(self, rec: RequestRecord) -> None:
-        self.records.append(rec)
-        if rec.ok:
-            self.ok_count += 1
-            # Anything added before the window opened also started before it: no recount needed.
-            if self.window_start_ns is not None and rec.start_ns >= self.window_start_ns:
-                self.window_completions += 1
-        elif rec.error != CANCELLED:
-            self.fail_count += 1
-            if self.ok_count == 0 and self.fail_count >= self.plan.fail_fast_after:
-                self.abort = "server_failing"
-                self.aborted = f"first {self.fail_count} requests failed ({rec.error}); is the server healthy?"
-                self.stop.set()
-        if self.on_record is not None:
-            self.on_record(rec)
-
-    def open_window(self, now_ns: int) -> None:
-        """Warm-up is over: the window's length follows from how long warm-up requests took."""
-        self.window_start_ns = now_ns
-        e2e = [(r.end_ns - r.start_ns) / 1e9 for r in self.records if r.ok]
-        p90 = float(np.percentile(e2e, 90)) if e2e else 0.0
-        self.window_target_s = max(self.plan.min_window_s, self.plan.window_e2e_multiple * p90)
-
-
-def _request_body(cfg: ClientConfig, prompt: list[int] | str, max_tokens: int) -> dict:
+def _request_body(cfg: ClientConfig, prompt: list[int] | str, max_tokens: int, token_ids: bool = False) -> dict:
     body: dict = {
         "model": cfg.model,
         "max_tokens": max_tokens,
@@ -152,6 +91,8 @@ def _request_body(cfg: ClientConfig, prompt: list[int] | str, max_tokens: int) -
         "ignore_eos": True,  # vLLM extension: generate exactly max_tokens
         "temperature": 0.0,
     }
+    if token_ids:  # vLLM >= 0.10 extension: each streamed choice carries its token ids
+        body["return_token_ids"] = True
     if cfg.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
         body["max_completion_tokens"] = max_tokens
@@ -165,9 +106,6 @@ def _headers(cfg: ClientConfig) -> dict[str, str]:
     if cfg.api_key is not None:
         headers["Authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
     return headers
-
-
-READ_BUFSIZE = 64 * 2**20
 
 
 class _SentAt:
@@ -196,6 +134,14 @@ def sent_stamp_trace(clock: Callable[[], int] = time.perf_counter_ns) -> aiohttp
     return trace
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A request's timing record and, where asked for, the answer's token ids as streamed."""
+
+    record: RequestRecord
+    token_ids: list[int] | None = None
+
+
 async def send_request(
     session: aiohttp.ClientSession,
     cfg: ClientConfig,
@@ -203,10 +149,26 @@ async def send_request(
     isl: int,
     osl: int,
     clock: Callable[[], int] = time.perf_counter_ns,
+    causes: dict[str, str] | None = None,
 ) -> RequestRecord:
-    """Send one streaming request; errors become the record's `error` kind, never exceptions."""
+    """Send one streaming request; errors become the record's `error` kind, never exceptions.
+    `causes`, when given, gets the failure's description under its kind ("connection refused")."""
+    return (await stream_request(session, cfg, prompt, isl, osl, clock, causes=causes)).record
+
+
+async def stream_request(
+    session: aiohttp.ClientSession,
+    cfg: ClientConfig,
+    prompt: list[int] | str,
+    isl: int,
+    osl: int,
+    clock: Callable[[], int] = time.perf_counter_ns,
+    token_ids: bool = False,
+    causes: dict[str, str] | None = None,
+) -> Reply:
+    """`send_request`, with the answer's token ids when `token_ids` (a session's next prompt holds them)."""
     url = f"{cfg.base_url.rstrip('/')}/v1/{'chat/completions' if cfg.endpoint == 'chat' else 'completions'}"
-    body = _request_body(cfg, prompt, osl)
+    body = _request_body(cfg, prompt, osl, token_ids)
     reads_ns: list[int] = []
     reads: list[bytes] = []
     wall = time.time()
@@ -233,19 +195,15 @@ async def send_request(
                         reads.append(data)
     except asyncio.CancelledError:
         error = CANCELLED
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-        error = "timeout"
-    except aiohttp.ClientConnectorError:
-        error = "connect"
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-        error = "disconnect"
-    except aiohttp.ClientError as exc:
-        error = f"client_{type(exc).__name__}"
+    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        error = error_kind(exc)
+        if causes is not None:
+            causes[error] = describe(exc)
     end_ns = clock()
     parsed = parse_stream(reads_ns, reads, chat=cfg.endpoint == "chat")
     if error is None and parsed.error:
         error = parsed.error
-    return RequestRecord(
+    record = RequestRecord(
         start_ns=sent.ns if sent.ns is not None else start_ns,
         chunk_ns=parsed.chunk_ns,
         end_ns=end_ns,
@@ -257,205 +215,6 @@ async def send_request(
         response_id=parsed.response_id,
         wall_time_s=wall,
     )
+    return Reply(record, parsed.token_ids)
 
 
-def _arrival_gaps_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[float]:
-    """Gamma inter-arrival times with mean 1/rate; shape 1 is Poisson, smaller is burstier."""
-    rng = np.random.default_rng(seed)
-    scale = 1.0 / (rate_rps * burstiness)
-    while True:
-        yield from rng.gamma(burstiness, scale, size=1024)
-
-
-async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: StopRule | None,
-                      mark: WindowMark | None) -> None:
-    """Opens nothing (the load does that at the end of warm-up); closes the window once it is full
-    and decided, then ends the probe when the window's requests have finished (or the tail's cap)."""
-    plan, t0 = state.plan, clock()
-    last_rule_ns, opened, tail_end_ns = 0, False, 0
-    while not state.stop.is_set():
-        now = clock()
-        w0 = state.window_start_ns
-        if w0 is not None and not opened:
-            opened = True
-            if mark is not None:
-                mark("open", w0)
-        over_time = (now - t0) / 1e9 >= plan.max_duration_s
-        if state.window_end_ns is None:
-            filled = (w0 is not None and (now - w0) / 1e9 >= state.window_target_s
-                      and state.window_completions >= plan.min_requests)
-            decided = filled and stop_rule is None
-            if filled and not decided and (now - last_rule_ns) / 1e9 >= STOP_RULE_EVERY_S:
-                last_rule_ns = now
-                decided = stop_rule(state.records, w0, now)  # type: ignore[arg-type,misc]
-            extended_enough = filled and (now - w0) / 1e9 >= plan.max_extension * state.window_target_s  # type: ignore[operator]
-            if decided or (filled and (over_time or extended_enough)):
-                state.undecided_at_cap = not decided
-                state.window_end_ns, state.tail_pending = now, state.in_flight
-                window_s = (now - w0) / 1e9  # type: ignore[operator]
-                tail_s = min(plan.tail_frac * window_s, max(0.0, plan.max_duration_s - (now - t0) / 1e9))
-                tail_end_ns = now + int(tail_s * 1e9)
-                if mark is not None:
-                    mark("close", now)
-            elif over_time:
-                if state.aborted is None:
-                    state.abort = "window_not_filled"
-                    state.aborted = f"max_duration_s={plan.max_duration_s:g} reached before the window filled"
-                state.stop.set()
-                return
-        elif state.tail_pending <= 0 or now >= tail_end_ns:
-            state.stop.set()
-            return
-        try:
-            await asyncio.wait_for(state.stop.wait(), timeout=0.05)
-        except asyncio.TimeoutError:
-            pass
-
-
-async def drive_load(
-    cfg: ClientConfig,
-    load: LoadSpec,
-    pairs: Iterator[tuple[int, int]],
-    plan: ProbePlan | None = None,
-    on_record: OnRecord | None = None,
-    clock: Callable[[], int] = time.perf_counter_ns,
-    stop_rule: StopRule | None = None,
-    mark: WindowMark | None = None,
-) -> LoadRun:
-    """Drive one load level through warm-up, its steady-state window and the window's tail, then
-    stop and cut the rest.
-
-    Warm-up ends when every closed-loop worker has completed one request (open loop: when the
-    first request completes, i.e. the pipeline is full). The drain starts when issuing stops;
-    requests still in flight then are cancelled and recorded as "cancelled", not as errors.
-    """
-    state = _RunState(plan=plan or ProbePlan(), load=load, on_record=on_record)
-    with PromptFactory(cfg) as prompts:  # new token ids every probe: nothing for the prefix cache
-        return await _drive(cfg, load, pairs, state, prompts, clock, stop_rule, mark)
-
-
-async def _drive(cfg, load, pairs, state: _RunState, prompts: PromptFactory, clock, stop_rule, mark) -> LoadRun:
-    limit = load.concurrency or 0
-    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
-    connector = stamped_connector(clock, limit=limit, limit_per_host=limit)
-    # read_bufsize: a stream is read once, when it ends, so its buffer must hold a whole reply
-    # (aiohttp stops reading a socket whose buffer passes twice this).
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[sent_stamp_trace(clock)],
-                                     read_bufsize=READ_BUFSIZE) as session:
-
-        source = PromptSource(prompts, session, pairs, ahead=max(limit, 16))
-
-        async def send_next(osl_fraction: float = 1.0) -> RequestRecord:
-            asked_ns = clock()
-            isl, osl, prompt = await source.next()
-            if state.window_start_ns is not None:
-                state.prompt_wait_ns += clock() - asked_ns
-                state.prompts_taken += 1
-            osl = 1 if load.kind == "prefill" else max(1, round(osl * osl_fraction))
-            if isinstance(prompt, aiohttp.ClientError):
-                return _failed_before_send(isl, osl, f"prompt_{type(prompt).__name__}", clock)
-            if isinstance(prompt, Exception):
-                raise prompt
-            state.in_flight += 1
-            sent_ns = clock()
-            try:
-                return await send_request(session, cfg, prompt, isl, osl, clock)
-            finally:
-                state.in_flight -= 1
-                if state.window_end_ns is not None and sent_ns <= state.window_end_ns:
-                    state.tail_pending -= 1
-
-        if load.mode == "closed":
-            tasks = _start_closed_loop(state, send_next, cfg.seed)
-        else:
-            tasks = [asyncio.create_task(_open_loop(state, send_next, cfg.seed, clock))]
-        await _controller(state, clock, stop_rule, mark)
-        drain_ns = clock()
-        source.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    w0 = state.window_start_ns if state.window_start_ns is not None else drain_ns
-    w1 = state.window_end_ns if state.window_end_ns is not None else drain_ns
-    wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9 if state.prompts_taken else None
-    return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, w1, state.aborted, state.abort, wait_s,
-                   state.undecided_at_cap)
-
-
-def _failed_before_send(isl: int, osl: int, error: str, clock: Callable[[], int]) -> RequestRecord:
-    now = clock()
-    return RequestRecord(
-        start_ns=now, end_ns=now, target_input_tokens=isl, target_output_tokens=osl, error=error, wall_time_s=time.time()
-    )
-
-
-# A think time is a fixed part plus an exponential one (mean think_s in all). The exponential part
-# breaks the lockstep a closed loop of equal requests falls into; the fixed part keeps it from
-# being near zero, where a client's own millisecond turnaround would decide which engine step a
-# request joins (the offline truth, sim_truth, draws think times the same way).
-THINK_FIXED_FRAC = 0.2
-
-
-def think_time_s(rng: np.random.Generator, mean_s: float) -> float:
-    return mean_s * (THINK_FIXED_FRAC + float(rng.exponential(1.0 - THINK_FIXED_FRAC)))
-
-
-def _start_closed_loop(state: _RunState, send_next, seed: int) -> list[asyncio.Task]:
-    n, think_s = state.load.concurrency or 1, state.load.think_s
-    first_done: list[int | None] = [None] * n
-
-    async def worker(slot: int) -> None:
-        rng = np.random.default_rng((seed, slot))
-        if state.plan.ramp_up_s:
-            await asyncio.sleep(state.plan.ramp_up_s * slot / n)
-        while not state.stop.is_set():
-            # Slot i's first request asks for (i+1)/N of its output: equal requests started together
-            # would otherwise run in lockstep for many rounds (all finish, all return, their prefills
-            # queue together), far from the steady state. First requests end before the window opens.
-            rec = await send_next((slot + 1) / n if first_done[slot] is None else 1.0)
-            state.add(rec)
-            if first_done[slot] is None:
-                first_done[slot] = rec.end_ns
-                if all(t is not None for t in first_done):
-                    state.open_window(max(first_done))  # type: ignore[type-var]
-            if rec.error == CANCELLED:
-                return
-            if think_s > 0:  # a user reading the answer before the next question
-                await asyncio.sleep(think_time_s(rng, think_s))
-
-    return [asyncio.create_task(worker(i)) for i in range(n)]
-
-
-async def _open_loop(state: _RunState, send_next, seed: int, clock) -> None:
-    """Poisson/gamma arrivals; at most `concurrency` in flight (later arrivals wait for a slot)."""
-    load = state.load
-    slots = asyncio.Semaphore(load.concurrency) if load.concurrency else None
-    in_flight: set[asyncio.Task] = set()
-
-    async def one() -> None:
-        if slots is not None:
-            async with slots:
-                rec = await send_next()
-        else:
-            rec = await send_next()
-        state.add(rec)
-        if state.window_start_ns is None and rec.ok:
-            state.open_window(rec.end_ns)
-
-    next_ns = clock()
-    try:
-        for gap_s in _arrival_gaps_s(load.request_rate_rps or 1.0, load.burstiness, seed):
-            if state.stop.is_set():
-                break
-            delay_s = (next_ns - clock()) / 1e9
-            if delay_s > 0:
-                await asyncio.sleep(delay_s)
-            task = asyncio.create_task(one())
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            next_ns += int(gap_s * 1e9)
-    finally:
-        for task in list(in_flight):
-            task.cancel()
-        await asyncio.gather(*in_flight, return_exceptions=True)

@@ -28,14 +28,20 @@ from aiohttp.client_proto import ResponseHandler
 from pricing.load import kernel_stamps
 
 
+OnRead = Callable[[int], None]
+
+
 class _StampingHandler(ResponseHandler):
-    def __init__(self, *args, clock: Callable[[], int], **kwargs) -> None:
+    def __init__(self, *args, clock: Callable[[], int], on_read: OnRead | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._clock = clock
+        self._on_read = on_read
         self.read_log: tuple[object, list[tuple[int, int]]] | None = None  # (payload, [(ns, body bytes so far)])
 
     def data_received(self, data: bytes) -> None:
         now = kernel_stamps.arrival_ns(self.transport, self._clock())
+        if self._on_read is not None:
+            self._on_read(now)
         super().data_received(data)
         payload = getattr(self, "_payload", None)
         total = getattr(payload, "total_bytes", None)
@@ -48,14 +54,25 @@ class _StampingHandler(ResponseHandler):
             reads.append((now, total))
 
 
-def stamped_connector(clock: Callable[[], int] = time.perf_counter_ns, **kwargs) -> aiohttp.TCPConnector:
+def stamped_connector(clock: Callable[[], int] = time.perf_counter_ns, on_read: OnRead | None = None,
+                      **kwargs) -> aiohttp.TCPConnector:
+    """A connector whose connections stamp their reads; `on_read(ns)` is told of every read on
+    any of them (the server's signs of life, load.server_watch)."""
     if kernel_stamps.SUPPORTED and "socket_factory" in inspect.signature(aiohttp.TCPConnector).parameters:  # aiohttp >= 3.12
         kwargs.setdefault("socket_factory", kernel_stamps.client_socket)
     connector = aiohttp.TCPConnector(**kwargs)
     factory = getattr(connector, "_factory", None)
     if isinstance(factory, functools.partial) and factory.func is ResponseHandler:
-        connector._factory = functools.partial(_StampingHandler, *factory.args, clock=clock, **factory.keywords)
+        connector._factory = functools.partial(_StampingHandler, *factory.args, clock=clock, on_read=on_read,
+                                               **factory.keywords)
     return connector
+
+
+def reports_reads(connector: aiohttp.BaseConnector) -> bool:
+    """Whether `connector` stamps its reads (and so tells `on_read`): False where aiohttp's
+    internals it relies on are missing."""
+    factory = getattr(connector, "_factory", None)
+    return isinstance(factory, functools.partial) and factory.func is _StampingHandler
 
 
 class ReadLog:

@@ -19,6 +19,7 @@ class ParsedStream:
     completion_tokens: int | None = None
     response_id: str | None = None
     error: str | None = None  # "stream_error" (server sent an error event), "incomplete" (no [DONE])
+    token_ids: list[int] | None = None  # the answer's ids, where asked for (vLLM's return_token_ids)
 
 
 def _carries_output(choice: dict, chat: bool) -> bool:
@@ -69,5 +70,10 @@ def _apply_event(out: ParsedStream, obj: dict, stamp: int, chat: bool) -> None:
     if usage := obj.get("usage"):
         out.prompt_tokens = usage.get("prompt_tokens", out.prompt_tokens)
         out.completion_tokens = usage.get("completion_tokens", out.completion_tokens)
-    if any(_carries_output(c, chat) for c in obj.get("choices") or ()):  # usage-only events have no choices
+    choices = obj.get("choices") or ()  # usage-only events have none
+    if any(_carries_output(c, chat) for c in choices):
         out.chunk_ns.append(stamp)
+    for choice in choices:
+        if (ids := choice.get("token_ids")) is not None:
+            out.token_ids = out.token_ids if out.token_ids is not None else []
+            out.token_ids.extend(ids)

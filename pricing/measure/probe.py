@@ -15,15 +15,9 @@ from math import inf
 
 import aiohttp
 
-from pricing.load.client import (
-    ClientConfig,
-    LoadRun,
-    OnRecord,
-    ProbePlan,
-    StopRule,
-    WindowMark,
-    drive_load,
-)
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.load.loops import LoadRun, OnRecord, StopRule, WindowMark, drive_load
+from pricing.load.sessions import SessionTraffic, drive_sessions
 from pricing.load.event_loop import paused_gc
 from pricing.measure.requests import (
     RequestTable,
@@ -40,6 +34,7 @@ from pricing.measure.telemetry import (
 )
 from pricing.measure.window import latency_at, window_stats
 from pricing.schema import (
+    SERVER_ABORTS,
     AbortKind,
     EnergyStats,
     LoadSpec,
@@ -47,6 +42,9 @@ from pricing.schema import (
     SloTier,
     WindowStats,
 )
+
+# What a probe sends: independent requests of these (ISL, OSL), or chat sessions.
+Traffic = Iterator[tuple[int, int]] | SessionTraffic
 
 # Requests may spend this share of their time (wait + end-to-end) waiting for their prompts
 # before the probe says so.
@@ -97,10 +95,11 @@ def decided_rule(tiers: Sequence[SloTier]) -> StopRule:
 
 
 def sent_lengths(load: LoadSpec, lengths: tuple[float, float] | None) -> tuple[float, float] | None:
-    """Mean (ISL, OSL) asked per request: the profile's, with one output token for prefill probes."""
+    """Mean (ISL, OSL) asked per request: the profile's, with one output token for prefill probes
+    (a prefill-only session replay's prompts keep the sessions' lengths: load.sessions)."""
     if lengths is None:
         return None
-    return (lengths[0], 1.0) if load.kind == "prefill" else lengths
+    return (lengths[0], 1.0) if load.prefill_only else lengths
 
 
 def open_loop_rate(stats: WindowStats, load: LoadSpec, table: RequestTable | None) -> WindowStats:
@@ -116,11 +115,25 @@ def open_loop_rate(stats: WindowStats, load: LoadSpec, table: RequestTable | Non
                                     "rate_source": "arrivals"})
 
 
+def with_dropped_failures(stats: WindowStats, dropped: dict[str, int]) -> WindowStats:
+    """The window's error counts with the failed requests the client counted but did not keep
+    (ProbePlan.max_kept_failures): they were issued in the window and failed."""
+    if not dropped:
+        return stats
+    extra = sum(dropped.values())
+    by_kind = dict(stats.errors_by_kind)
+    for kind, n in dropped.items():
+        by_kind[kind] = by_kind.get(kind, 0) + n
+    return stats.model_copy(update={"failed": stats.failed + extra, "errors_by_kind": by_kind,
+                                    "issued": (stats.issued or 0) + extra})
+
+
 def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: LoadSpec | None = None
                 ) -> ProbeResult:
     """The window statistics of what the client recorded."""
     table = table_from_records(run.records, run.window_start_ns, run.window_end_ns)
-    stats = window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table)
+    stats = with_dropped_failures(window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table),
+                                  run.dropped_failures)
     if load is not None:
         stats = open_loop_rate(stats, load, table)
     warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
@@ -134,7 +147,7 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
 async def run_probe(
     cfg: ClientConfig,
     load: LoadSpec,
-    pairs: Iterator[tuple[int, int]],
+    traffic: Traffic,
     plan: ProbePlan | None = None,
     on_record: OnRecord | None = None,
     clock: Callable[[], int] = time.perf_counter_ns,
@@ -142,11 +155,18 @@ async def run_probe(
     lengths: tuple[float, float] | None = None,
     mark: WindowMark | None = None,
 ) -> ProbeResult:
-    """Drive one load level (load.client.drive_load) until its window is full and, for decode
-    probes, every tier's verdict decided; then reduce the records to the window's statistics.
-    `lengths`: the profile's mean (ISL, OSL) per request, from which the request rate follows."""
+    """Drive one load level (load.loops.drive_load, or load.sessions.drive_sessions for a probe
+    that replays sessions) until its window is full and, for decode probes, every tier's verdict
+    decided; then reduce the records to the window's statistics. `lengths`: the profile's mean
+    (ISL, OSL) per request, from which the request rate follows."""
     rule = decided_rule(tiers) if tiers and load.kind == "decode" else None
-    run = await drive_load(cfg, load, pairs, plan, on_record, clock, stop_rule=rule, mark=mark)
+    if load.replays_sessions:
+        if not isinstance(traffic, SessionTraffic):
+            raise ValueError(f"a {load.kind} probe of sessions needs the profile's sessions (SessionTraffic)")
+        run = await drive_sessions(cfg, load, traffic, plan, on_record, clock, stop_rule=rule, mark=mark)
+    else:
+        pairs = traffic.turn_pairs() if isinstance(traffic, SessionTraffic) else traffic
+        run = await drive_load(cfg, load, pairs, plan, on_record, clock, stop_rule=rule, mark=mark)
     return measure_run(run, sent_lengths(load, lengths), load)
 
 
@@ -194,7 +214,7 @@ def window_energy(tele: TelemetryResult, t0_ns: int, window_start_ns: int, windo
 async def measured_probe(
     cfg: ClientConfig,
     load: LoadSpec,
-    pairs: Iterator[tuple[int, int]],
+    traffic: Traffic,
     plan: ProbePlan,
     meter: GpuEnergyMeter | None,
     on_record: OnRecord | None = None,
@@ -207,12 +227,15 @@ async def measured_probe(
         telemetry = ProbeTelemetry(session, cfg.base_url, meter)
         t0_ns = time.perf_counter_ns()
         await telemetry.start()
+        result: ProbeResult | None = None
         try:
             with paused_gc():
-                result = await run_probe(cfg, load, pairs, plan, on_record=on_record, tiers=tiers, lengths=lengths,
+                result = await run_probe(cfg, load, traffic, plan, on_record=on_record, tiers=tiers, lengths=lengths,
                                          mark=telemetry.mark)
         finally:
-            tele = await telemetry.stop()
+            # A probe that lost its server gets no last scrape: a hung server would hold it for
+            # the scrape's timeout, and its metrics describe nothing measured.
+            tele = await telemetry.stop(final_scrape=result is not None and result.abort not in SERVER_ABORTS)
     result.server_metrics = tele.server_metrics
     result.energy = window_energy(tele, t0_ns, result.window_start_ns, result.window_end_ns)
     if (warning := server_ttft_warning(result.stats, tele.server_metrics)) is not None:

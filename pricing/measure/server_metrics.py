@@ -149,21 +149,41 @@ def bucket_of(value: float, hist: Histogram) -> tuple[float, float]:
 
 
 def summarize_window(opened: MetricsSnapshot, closed: MetricsSnapshot, percentile: float = 90) -> dict[str, float]:
-    """The server's TTFT between the window's opening and closing scrapes: its p-th percentile
-    and the bucket holding it (interpolated quantiles are only known to within their bucket)."""
+    """The server over the window, between its opening and closing scrapes: TTFT's p-th
+    percentile and the bucket holding it (interpolated quantiles are only known to within their
+    bucket), and the share of prompt tokens its prefix cache served (a session replay's warm-up
+    holds first turns only, so the whole probe's share understates the window's)."""
+    out: dict[str, float] = {}
+    queries, hits = (_counter_over(opened, closed, key) for key in ("prefix_cache_queries_tokens",
+                                                                      "prefix_cache_hits_tokens"))
+    if queries:
+        out["prefix_cache_window_hit_frac"] = (hits or 0.0) / queries
     name = _first_present(HISTOGRAMS[0][1], set(closed.histograms))
     if name is None:
-        return {}
+        return out
     delta = histogram_delta(opened.histograms.get(name), closed.histograms[name])
     value = histogram_quantile(percentile / 100.0, delta)
     if value is None:
-        return {}
+        return out
     low, high = bucket_of(value, delta)
     key = f"server_ttft_window_p{percentile:g}"
-    out = {f"{key}_s": value, "server_ttft_window_count": delta.count, f"{key}_bucket_low_s": low}
+    out |= {f"{key}_s": value, "server_ttft_window_count": delta.count, f"{key}_bucket_low_s": low}
     if math.isfinite(high):
         out[f"{key}_bucket_high_s"] = high
     return out
+
+
+def cache_hit_share(metrics: dict[str, float] | None) -> float | None:
+    """The share of prompt tokens vLLM's prefix cache served: over the probe's window where it was
+    scraped at both ends, else over the whole probe (None: not reported)."""
+    metrics = metrics or {}
+    return metrics.get("prefix_cache_window_hit_frac", metrics.get("prefix_cache_hit_frac"))
+
+
+def _counter_over(before: MetricsSnapshot, after: MetricsSnapshot, key: str) -> float | None:
+    """One of COUNTERS' growth between two scrapes (None: the server does not report it)."""
+    name = _first_present(dict(COUNTERS)[key], after.names())
+    return _counter_delta(before.sums.get(name, 0.0), after.sums[name]) if name is not None else None
 
 
 def _first_present(names: Sequence[str], available: set[str]) -> str | None:
@@ -189,10 +209,9 @@ def summarize_probe(
                 value = histogram_quantile(p / 100.0, delta)
                 if value is not None:
                     out[f"{prefix}_p{p}_s"] = value
-    for key, names in COUNTERS:
-        name = _first_present(names, available)
-        if name is not None:
-            out[key] = _counter_delta(before.sums.get(name, 0.0), after.sums[name])
+    for key, _names in COUNTERS:
+        if (grown := _counter_over(before, after, key)) is not None:
+            out[key] = grown
     if out.get("prefix_cache_queries_tokens"):
         out["prefix_cache_hit_frac"] = out.get("prefix_cache_hits_tokens", 0.0) / out["prefix_cache_queries_tokens"]
     snaps = [before, *during, after]
@@ -211,18 +230,21 @@ def summarize_probe(
 
 
 async def scrape(
-    session: aiohttp.ClientSession, metrics_url: str, timeout_s: float = 5.0
+    session: aiohttp.ClientSession, metrics_url: str, timeout_s: float = 5.0, warn: bool = True
 ) -> MetricsSnapshot | None:
-    """GET and parse `/metrics`; None (with a warning) on any failure, never raises into the probe."""
+    """GET and parse `/metrics`; None (with a warning unless `warn` is False) on any failure,
+    never raises into the probe."""
     try:
         async with session.get(metrics_url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
-                log.warning("GET %s: HTTP %d; server metrics not scraped", metrics_url, resp.status)
+                if warn:
+                    log.warning("GET %s: HTTP %d; server metrics not scraped", metrics_url, resp.status)
                 return None
             text = await resp.text()
         snap = parse_metrics(text, t_ns=time.perf_counter_ns())
     except Exception as exc:  # noqa: BLE001 - connection, timeout, malformed text: all mean 'not scraped'
-        log.warning("GET %s failed (%s: %s); server metrics not scraped", metrics_url, type(exc).__name__, exc)
+        if warn:
+            log.warning("GET %s failed (%s: %s); server metrics not scraped", metrics_url, type(exc).__name__, exc)
         return None
     if not snap.names() & {n for _, names, _ in HISTOGRAMS for n in names}:
         log.warning("%s has no vLLM latency histograms; server metrics not scraped", metrics_url)
@@ -251,11 +273,14 @@ class ServerMetricsProbe:
             self._marks[label] = asyncio.create_task(scrape(self._session, self.metrics_url))
 
     async def _poll(self) -> None:
+        warn = True  # once per probe: a server that went away would otherwise add a line a second
         while True:
             await asyncio.sleep(self.interval_s)
-            snap = await scrape(self._session, self.metrics_url)
+            snap = await scrape(self._session, self.metrics_url, warn=warn)
             if snap is not None:
                 self._during.append(snap)
+            else:
+                warn = False
 
     async def start(self) -> None:
         self._during = []
@@ -263,7 +288,8 @@ class ServerMetricsProbe:
         if self._before is not None and self.interval_s > 0:
             self._task = asyncio.create_task(self._poll())
 
-    async def stop(self) -> dict[str, float] | None:
+    async def stop(self, final_scrape: bool = True) -> dict[str, float] | None:
+        """The probe's metrics; with `final_scrape` False (the server is gone or hung) none, at once."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -271,7 +297,10 @@ class ServerMetricsProbe:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self._before is None:
+        if self._before is None or not final_scrape:
+            for task in self._marks.values():
+                task.cancel()
+            self._marks = {}
             return None
         after = await scrape(self._session, self.metrics_url)
         marks = {label: await task for label, task in self._marks.items()}

@@ -109,7 +109,7 @@ class ProbeTelemetry:
         """A scrape of the server's /metrics now (the probe's window opens or closes)."""
         self._metrics.mark(label)
 
-    async def stop(self) -> TelemetryResult:
+    async def stop(self, final_scrape: bool = True) -> TelemetryResult:
         window: EnergyWindow | None = None
         if self.meter is not None and self._metering:
             self._metering = False
@@ -117,7 +117,7 @@ class ProbeTelemetry:
                 window = await asyncio.to_thread(self.meter.stop)
             except Exception as exc:  # noqa: BLE001
                 log.warning("GPU energy window failed (%s); energy not measured", exc)
-        server = await self._metrics.stop()
+        server = await self._metrics.stop(final_scrape)
         if window is None:
             return TelemetryResult(server_metrics=server)
         gpu = gpu_summary(window.samples)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pricing.capacity.curve import Capacity
 from pricing.cost.price_rows import PriceRow, PricingParams
+from pricing.cost.split import ASSUMED_CACHED_FRACTION
 from pricing.schema import SloTier
 from pricing.units import fmt_ms, fmt_s, fmt_usd, plus_minus
 
@@ -41,9 +42,17 @@ def _cell(row: PriceRow) -> str:
     if not row.feasible:
         return f"[red]✗ {row.reason}[/red]"
     star = " [bold yellow]★ cheapest[/]" if row.cheapest else ""
+    cached = ""
+    if row.cached_input_usd_per_mtok is not None:
+        cached = (f" · cached {price_text(row.cached_input_usd_per_mtok, row.cached_input_usd_per_mtok_low, row.cached_input_usd_per_mtok_high, row)}"
+                  + (" (assumed)" if row.cached_source == "assumed" else ""))
     lines = [f"in {price_text(row.input_usd_per_mtok, row.input_usd_per_mtok_low, row.input_usd_per_mtok_high, row)}"
-             f" · out {price_text(row.output_usd_per_mtok, row.output_usd_per_mtok_low, row.output_usd_per_mtok_high, row)}"
+             f"{cached} · out {price_text(row.output_usd_per_mtok, row.output_usd_per_mtok_low, row.output_usd_per_mtok_high, row)}"
              f" /1M{star}"]
+    if row.history_share is not None and row.mean_isl:
+        served = (row.mean_cached_isl or 0.0) / row.mean_isl
+        lines.append(f"prefix cache served {served:.0%} of input (history {row.history_share:.0%}) · cached = "
+                     f"{row.cached_fraction or 0:.0%} of input price ({row.cached_source})")
     if row.capacity_rps is not None:
         at_least = "≥ " if row.capacity_lower_bound else ""
         interval = "" if row.capacity_lower_bound else " " + plus_minus(row.capacity_rps, row.capacity_rps_low,
@@ -75,7 +84,7 @@ def render_matrix(rows: Sequence[PriceRow], params: PricingParams, console: Cons
     tiers = list({r.tier.name: r.tier for r in rows}.values())
     configs = list({(r.config_key, r.profile): r for r in rows}.values())
     seed_only = all(r.source == "seed" for r in rows)
-    table = Table(title="$ per 1M tokens (input · output) at SLO capacity", show_lines=True)
+    table = Table(title="$ per 1M tokens (input · cached input · output) at SLO capacity", show_lines=True)
     table.add_column("config (model · scheme · TP · GPUs)", overflow="fold")
     for tier in tiers:
         table.add_column(_tier_header(tier, seed_only), overflow="fold")
@@ -97,9 +106,13 @@ def render_matrix(rows: Sequence[PriceRow], params: PricingParams, console: Cons
         "H_eff = H / utilization x (1 + margin); capacity = the request rate where the tier's TTFT and TPOT (at its "
         f"percentile) cross their limits, read from all probes as one monotone curve, under "
         f"{'open-loop (Poisson) arrivals' if params.load_model == 'open' else 'a closed loop of fixed concurrency'}"
-        "; prices recover c = H_eff / (3600 x capacity) at the traffic's mean tokens per request. ± = 95% interval "
-        "(capacity and prefill rate); ≥ capacity / ≤ price: no probe up to the highest load tried violated the "
-        "tier. ★ = cheapest config per tier (cost per request; seed files: output price).",
+        "; prices recover c = H_eff / (3600 x capacity) at the traffic's mean tokens per request: new input x in + "
+        "cached input x cached + output x out = c, cached input being what vLLM's prefix cache served at capacity "
+        "(0 for independent requests). cached = in x the cost of a cached token over a new one's prefill: measured "
+        "where a prefill-only replay of sessions ran beside the fresh prefill probe, else assumed at "
+        f"{ASSUMED_CACHED_FRACTION:.0%}. ± = 95% interval (capacity, prefill rates); ≥ capacity / ≤ price: no probe up "
+        "to the highest load tried violated the tier. ★ = cheapest config per tier (cost per request; seed files: "
+        "output price).",
         style="dim",
     )
 

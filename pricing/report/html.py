@@ -17,6 +17,8 @@ from plotly.subplots import make_subplots
 from pricing.capacity.choice import group_by_config
 from pricing.cost.catalog import Catalog
 from pricing.cost.price_rows import PriceRow, PricingParams
+from pricing.cost.split import ASSUMED_CACHED_FRACTION
+from pricing.measure.server_metrics import cache_hit_share
 from pricing.results import SourcedProbe
 from pricing.schema import SloTier
 from pricing.units import plus_minus
@@ -67,6 +69,8 @@ def fig_latency(probes: Sequence[SourcedProbe], tiers: Sequence[SloTier]) -> go.
 
 def _price_label(row: PriceRow, attr: str) -> str:
     value = getattr(row, attr)
+    if value is None:
+        return "-"
     if row.capacity_lower_bound:
         text = f"≤ ${value:.3g}"
     elif row.source == "seed":
@@ -100,18 +104,23 @@ def fig_capacity(rows: Sequence[PriceRow]) -> go.Figure | None:
 
 
 def fig_price_heatmap(rows: Sequence[PriceRow]) -> go.Figure:
-    """Configs x tiers, $/1M input and $/1M output; infeasible cells empty with a cross."""
+    """Configs x tiers, $/1M input, cached input and output; infeasible cells empty with a cross."""
     tiers = list(dict.fromkeys(r.tier.name for r in rows))
     configs = list(dict.fromkeys(r.label for r in rows))
     cells = {(r.label, r.tier.name): r for r in rows}
-    # One shared row axis: the labels stand once, left of both heatmaps.
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("$ per 1M input tokens", "$ per 1M output tokens"),
-                        shared_yaxes=True, horizontal_spacing=0.04)
-    for col, attr in ((1, "input_usd_per_mtok"), (2, "output_usd_per_mtok")):
+    prices = [("$ per 1M input tokens", "input_usd_per_mtok"), ("$ per 1M cached input tokens", "cached_input_usd_per_mtok"),
+              ("$ per 1M output tokens", "output_usd_per_mtok")]
+    # One shared row axis: the labels stand once, left of the heatmaps.
+    fig = make_subplots(rows=1, cols=len(prices), subplot_titles=[title for title, _ in prices],
+                        shared_yaxes=True, horizontal_spacing=0.03)
+    for col, (_title, attr) in enumerate(prices, start=1):
         z = [[getattr(cells[c, t], attr) if (c, t) in cells and cells[c, t].feasible else None for t in tiers]
              for c in configs]
         text = [["✗" if v is None else _price_label(cells[c, t], attr) for v, t in zip(zr, tiers, strict=True)]
                 for zr, c in zip(z, configs, strict=True)]
+        if attr.startswith("cached"):
+            text = [[t + (" (assumed)" if (c, tier) in cells and cells[c, tier].cached_source == "assumed" else "")
+                     for t, tier in zip(tr, tiers, strict=True)] for tr, c in zip(text, configs, strict=True)]
         fig.add_trace(go.Heatmap(z=z, x=tiers, y=configs, text=text, texttemplate="%{text}", colorscale="Viridis",
                                  showscale=False, hoverongaps=False), row=1, col=col)
     fig.update_layout(title="Price matrix (± 95% interval; ≤ upper bound; ★ cheapest per tier; ✗ tier not met)",
@@ -232,6 +241,28 @@ def fig_profile(hists: dict[str, Hist], title: str) -> go.Figure:
     return fig
 
 
+def fig_prefix_cache(probes: Sequence[SourcedProbe]) -> go.Figure | None:
+    """Session replays: the share of prompt tokens vLLM's prefix cache served in each probe's window,
+    against the load, beside the profile's share of prompt tokens that are history (its ceiling)."""
+    replays = [p for p in probes if p.record.load.replays_sessions and cache_hit_share(p.record.server_metrics)
+               is not None]
+    if not replays:
+        return None
+    fig = go.Figure()
+    for i, group in enumerate(group_by_config(replays).values()):
+        group = sorted(group, key=lambda p: (p.record.load.kind, p.record.load.mode, p.record.load.level))
+        color = qualitative.Plotly[i % len(qualitative.Plotly)]
+        name = f"{group[0].record.config.label} · {group[0].record.workload}"
+        x = [f"{p.record.load.kind} {p.record.load.mode} {p.record.load.level:g}" for p in group]
+        fig.add_trace(go.Bar(x=x, y=[cache_hit_share(p.record.server_metrics) for p in group], name=f"{name}: served",
+                             marker_color=color))
+        fig.add_trace(go.Scatter(x=x, y=[p.record.profile.history_share for p in group], mode="lines+markers",
+                                 name=f"{name}: history (profile)", line={"color": color, "dash": "dot"}))
+    fig.update_yaxes(title_text="share of prompt tokens", range=[0, 1])
+    fig.update_layout(title="Prefix cache: what the server served against the history the sessions hold", height=420)
+    return fig
+
+
 def fig_ttft_client_vs_server(probes: Sequence[SourcedProbe]) -> go.Figure | None:
     """Client-side p90 TTFT against vLLM's own (its /metrics histogram over the same probe): the
     gap is queueing before the engine plus the network and client; the diagonal is agreement."""
@@ -260,7 +291,7 @@ def build_figures(rows: Sequence[PriceRow], probes: Sequence[SourcedProbe], tier
                   profile: Any = None) -> list[go.Figure]:
     """Every figure that has data, in page order."""
     figures = [fig_latency(probes, tiers), fig_price_heatmap(rows), fig_capacity(rows), fig_pricing_tiers(rows),
-               fig_cost_throughput(rows), fig_energy(rows), fig_ttft_client_vs_server(probes)]
+               fig_cost_throughput(rows), fig_energy(rows), fig_prefix_cache(probes), fig_ttft_client_vs_server(probes)]
     hists = profile_histograms(profile)
     title = f"Traffic profile {getattr(profile, 'name', '')}".strip()
     if hists is None and probes:
@@ -286,7 +317,11 @@ def build_report_html(rows: Sequence[PriceRow], probes: Sequence[SourcedProbe], 
         f"margin {params.margin:.0%}; {rate}; replicas {params.replicas}. "
         "H = GPUs × rate (+ measured energy × $/kWh); "
         "H_eff = H / utilization × (1 + margin); capacity = highest decode request rate meeting the tier; "
-        "prices recover c = H_eff / (3600 × capacity) at the capacity probe's tokens per request (its token rates / request rate), except the seed split."
+        "prices recover c = H_eff / (3600 × capacity) at the capacity probe's tokens per request (its token rates / request rate), except the seed split: "
+        "new input × input price + cached input × cached price + output × output price = c, cached input being what the "
+        "prefix cache served at capacity (none for independent requests). The cached price is the input price × a "
+        "cached token's cost over a new one's, measured by a prefill-only replay of sessions beside the fresh prefill "
+        f"probe, else assumed at {ASSUMED_CACHED_FRACTION:.0%}."
     )
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>vLLM SLO prices</title>",

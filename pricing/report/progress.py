@@ -10,13 +10,17 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
 from pricing.load.client import ProbePlan
-from pricing.schema import LoadSpec, ProbeRecord, RequestRecord
+from pricing.measure.server_metrics import cache_hit_share
+from pricing.schema import SERVER_ABORTS, LoadSpec, ProbeRecord, RequestRecord
 
 
 def describe_load(load: LoadSpec) -> str:
     level = f"concurrency {load.concurrency}" if load.mode == "closed" else f"{load.request_rate_rps:g} req/s"
+    if load.sessions:
+        level += " (sessions)" if load.mode == "closed" else " (as sessions)"
     return f"{load.kind} {level}"
 
 
@@ -24,7 +28,7 @@ def describe_probe(rec: ProbeRecord) -> str:
     s = rec.stats
     ttft = f"{s.ttft_s.p90 * 1e3:.0f} ms" if s.ttft_s.p90 is not None else "-"
     tpot = f"{s.tpot_s.p90 * 1e3:.1f} ms" if s.tpot_s.p90 is not None else "-"
-    passed = ", ".join(rec.tiers_passed) or "none"
+    passed = "not judged (the server failed)" if rec.abort in SERVER_ABORTS else ", ".join(rec.tiers_passed) or "none"
     return (
         f"#{rec.probe_index} {describe_load(rec.load)}: {s.request_rate_rps:.2f} req/s, "
         f"{s.output_tok_s:.0f} out tok/s, p90 TTFT {ttft}, p90 TPOT {tpot}, errors {s.failed}; passes: {passed}"
@@ -35,8 +39,16 @@ def describe_probe(rec: ProbeRecord) -> str:
 
 
 def _cache_warning(rec: ProbeRecord) -> str:
-    """Prompts are random, so vLLM's prefix cache should serve almost none of them; if it does,
-    something (another client, a replayed prompt set) is making TTFT look better than it is."""
+    """A session replay: the share of prompt tokens that are history (the profile's) beside the
+    share the server's prefix cache served in the window. Otherwise prompts are random, so the
+    cache should serve almost none of them; if it does, something (another client, a replayed
+    prompt set) is making TTFT look better than it is."""
+    if rec.load.replays_sessions:
+        hit = cache_hit_share(rec.server_metrics)
+        served = f"{hit:.0%}" if hit is not None else "not reported"
+        history = rec.profile.history_share
+        return (f" [history {history:.0%} of prompt tokens (profile), prefix cache served {served} (server)]"
+                if history is not None else f" [prefix cache served {served} (server)]")
     hit = (rec.server_metrics or {}).get("prefix_cache_hit_frac")
     return f" [prefix cache served {hit:.0%} of prompt tokens: TTFT understated]" if hit and hit > 0.05 else ""
 
@@ -76,5 +88,6 @@ class ProbeProgress:
         if self._task is not None:
             self.progress.remove_task(self._task)
             self._task = None
-        prefix = "[dim]reused[/dim] " if reused else ""
-        self.progress.console.print(prefix + describe_probe(record), highlight=False)
+        # The line's own brackets ([notes], [warnings]) are text, not rich markup.
+        line = Text("reused ", style="dim") if reused else Text()
+        self.progress.console.print(line.append(describe_probe(record)), highlight=False)

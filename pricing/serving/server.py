@@ -115,6 +115,21 @@ def diagnose(log_lines: Sequence[str], returncode: int | None = None) -> str:
     return f"{exited}: {error}" if error else exited
 
 
+def exit_cause(log_lines: Sequence[str], returncode: int) -> str:
+    """How a server that had been serving ended: a signal says it all (the patterns `diagnose`
+    looks for are start-up failures, and a healthy log can hold their words); else the log's
+    last error line, else the exit code."""
+    if returncode < 0:
+        if -returncode == signal.SIGKILL:
+            return "was killed (SIGKILL: by a person, a supervisor or the kernel's out-of-memory killer)"
+        try:
+            return f"was stopped by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was stopped by signal {-returncode}"
+    error = last_error_line(log_lines)
+    return f"exited with code {returncode}" + (f": {error}" if error else "")
+
+
 def _kv_estimate(text: str) -> str:
     """vLLM's own estimate of the longest max-model-len that fits, when it gave one."""
     match = re.search(r"estimated maximum model length is (\d+)", text)

@@ -24,7 +24,7 @@ from pricing.load import kernel_stamps
 
 ns = time.perf_counter_ns
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 503: "Service Unavailable"}
 MAX_BODY = 64 * 2**20
 
 
@@ -49,9 +49,14 @@ class Response:
     streaming: bool = field(default=False, init=False)
 
     def send_json(self, obj, status: int = 200) -> None:
-        body = json.dumps(obj).encode()
+        self._send(json.dumps(obj).encode(), "application/json", status)
+
+    def send_text(self, text: str, status: int = 200) -> None:
+        self._send(text.encode(), "text/plain; version=0.0.4", status)
+
+    def _send(self, body: bytes, content_type: str, status: int) -> None:
         close = "" if self.keep_alive else "Connection: close\r\n"
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n{close}\r\n")
         self.transport.write(head.encode() + body)
 

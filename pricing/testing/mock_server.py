@@ -1,9 +1,13 @@
 """An OpenAI-compatible streaming server whose latency is known: the ground truth for tests.
 
 TTFT = queueing for a batch slot + ttft_base + prefill(ISL) x (1 + prefill_batch_factor x running);
-TPOT = tpot_base + tpot_per_seq x running. Or, with `engine` set, every request goes through one
-simulated continuous-batching engine (`sim_engine`) run in real time. Faults on every k-th request:
-HTTP 500, a dropped connection mid-stream, a stall. `/mock/timeline` returns what the server did.
+TPOT = tpot_base + tpot_per_seq x running. With a prefix cache (`prefix_cache_block_tokens`,
+`mock_cache`), only the prompt tokens it does not hold are prefilled; `/metrics` counts its hits
+as vLLM does, and `return_token_ids` streams each token's id, as vLLM >= 0.10 does. Or, with
+`engine` set, every request goes through one simulated continuous-batching engine (`sim_engine`)
+run in real time. Faults (`mock_faults`) on every k-th request: HTTP 500, a dropped connection
+mid-stream, a stall, a request accepted and never answered; and bursts of HTTP 503.
+`/mock/timeline` returns what the server did.
 Run alone: `python -m pricing.testing.mock_server --port 8000 --config '{"latency": {"tpot_base_s": 0.02}}'`.
 """
 
@@ -19,10 +23,13 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pricing.testing.mock_cache import PrefixCache, answer_ids, metrics_text
+from pricing.testing.mock_faults import Faults
 from pricing.testing.mock_http import Request, Response, serve
 from pricing.testing.sim_engine import ADMIT_S, EngineModel, EngineStep, SimEngine
 
@@ -40,15 +47,6 @@ class LatencyModel(BaseModel):
     max_num_seqs: int = Field(default=100_000, ge=1)  # beyond this, requests queue
 
 
-class Faults(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    http500_every: int = Field(default=0, ge=0)  # 0 = never
-    disconnect_every: int = Field(default=0, ge=0)  # drop the connection after 2 tokens
-    stall_every: int = Field(default=0, ge=0)  # stop sending after 2 tokens for stall_s
-    stall_s: float = Field(default=5.0, ge=0)
-
-
 class MockConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +57,8 @@ class MockConfig(BaseModel):
     # When set, requests share one simulated engine and `latency` is not used. Faults apply as in
     # the fixed-latency path; a stalled stream's tokens are still generated, and sent when it ends.
     engine: EngineModel | None = None
+    prefix_cache_block_tokens: int = Field(default=0, ge=0)  # 0: no prefix cache
+    timeline_prompts: bool = False  # the timeline keeps each token-id prompt and the answer's ids
 
 
 @dataclass
@@ -69,6 +69,8 @@ class _State:
     counter: itertools.count = field(default_factory=itertools.count)
     timeline: dict[str, dict] = field(default_factory=dict)
     engine: _EngineLoop | None = None
+    cache: PrefixCache | None = None
+    started_ns: int = field(default_factory=lambda: ns())
 
 
 def _prompt_tokens(body: dict) -> int:
@@ -86,12 +88,15 @@ def _prompt_head(body: dict) -> str:
     return " ".join(map(str, prompt[:16] if isinstance(prompt, list) else str(prompt).split()[:16]))
 
 
-def _chunk(rid: str, chat: bool, text: str, finish: str | None) -> bytes:
+def _chunk(rid: str, chat: bool, text: str, finish: str | None, token_id: int | None = None) -> bytes:
     if chat:
         choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
         obj = {"id": rid, "object": "chat.completion.chunk", "choices": [choice]}
     else:
-        obj = {"id": rid, "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+        if token_id is not None:
+            choice["token_ids"] = [token_id]
+        obj = {"id": rid, "object": "text_completion", "choices": [choice]}
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
@@ -134,32 +139,48 @@ async def _generate(state: _State, req: Request, resp: Response, chat: bool) -> 
         return resp.send_json({"error": {"message": "bad api key"}}, 401)
     body = req.json()
     n = next(state.counter) + 1
-    if state.cfg.faults.http500_every and n % state.cfg.faults.http500_every == 0:
-        return resp.send_json({"error": {"message": "injected fault"}}, 500)
+    faults = state.cfg.faults
+    if (refused := faults.refusal(n, state.started_ns, recv_ns)) is not None:
+        return resp.send_json({"error": {"message": refused[1]}}, refused[0])
+    if faults.hangs(n):
+        await asyncio.get_running_loop().create_future()  # until the client hangs up (the handler is cancelled)
     isl, osl = _prompt_tokens(body), int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
     if state.engine is not None and (isl < 1 or osl < 1):  # a 400, as vLLM answers
         raise ValueError(f"the engine needs a prompt and max_tokens >= 1, got {isl} and {osl}")
     rid = f"mock-{n}"
     events: list[int] = []
-    state.timeline[rid] = {"recv_ns": recv_ns, "isl": isl, "osl": osl, "head": _prompt_head(body), "chunk_ns": events}
+    entry = state.timeline[rid] = {"recv_ns": recv_ns, "isl": isl, "osl": osl, "head": _prompt_head(body),
+                                   "chunk_ns": events}
+    prompt = body.get("prompt") if isinstance(body.get("prompt"), list) else None
+    send_ids = bool(body.get("return_token_ids")) and not chat
+    # Answer ids only where something reads them: the mock's own cost is part of every timing test.
+    wanted = send_ids or (prompt is not None and (state.cache is not None or state.cfg.timeline_prompts))
+    stream = _Stream(rid, n, resp, chat, isl, osl, events, prefill=isl, answer=answer_ids(n, osl) if wanted else [],
+                     send_ids=send_ids)
+    if prompt is not None and state.cache is not None:
+        entry["cached"] = hit = state.cache.lookup(prompt)
+        stream.prefill = isl - hit
+        stream.finished = lambda: state.cache.insert(prompt + stream.answer[:-1])  # type: ignore[union-attr]
+    if prompt is not None and state.cfg.timeline_prompts:
+        entry["prompt"], entry["answer"] = prompt, stream.answer
     if state.engine is not None:
-        return await state.engine.serve(_Stream(rid, n, resp, chat, isl, osl, events), recv_ns)
+        return await state.engine.serve(stream, recv_ns)
     queued = state.slots.locked()
     async with state.slots:
         state.running += 1
         # The clock starts at arrival, or at the batch slot when queued.
         start_ns = ns() if queued else recv_ns
         try:
-            await _stream(resp, state, chat, rid, n, isl, osl, start_ns, events)
+            await _stream(resp, state, stream, start_ns)
         finally:
             state.running -= 1
 
 
-async def _stream(resp: Response, state: _State, chat: bool, rid: str, n: int, isl: int, osl: int, start_ns: int,
-                  events: list[int]) -> None:
+async def _stream(resp: Response, state: _State, stream: _Stream, start_ns: int) -> None:
     faults, lat = state.cfg.faults, state.cfg.latency
+    chat, rid, n, osl, events = stream.chat, stream.rid, stream.n, stream.osl, stream.events
     resp.start_stream()
-    prefill_s = lat.prefill_s_per_token * isl * (1 + lat.prefill_batch_factor * (state.running - 1))
+    prefill_s = lat.prefill_s_per_token * stream.prefill * (1 + lat.prefill_batch_factor * (state.running - 1))
     deadline = start_ns + int((lat.ttft_base_s + prefill_s) * 1e9)
     if chat:
         resp.write(_role_chunk(rid))
@@ -171,10 +192,11 @@ async def _stream(resp: Response, state: _State, chat: bool, rid: str, n: int, i
             return resp.abort()
         if faults.stall_every and n % faults.stall_every == 0 and i == 2:
             await asyncio.sleep(faults.stall_s)
-        resp.write(_chunk(rid, chat, " t", "length" if i == osl - 1 else None))
+        resp.write(stream.chunk(i))
         events.append(ns())
         deadline += int((lat.tpot_base_s + lat.tpot_per_seq_s * state.running) * 1e9)
-    resp.write(_usage_chunk(rid, isl, osl))
+    stream.finished()
+    resp.write(_usage_chunk(rid, stream.isl, osl))
     resp.write(b"data: [DONE]\n\n")
     resp.end_stream()
 
@@ -190,9 +212,18 @@ class _Stream:
     isl: int
     osl: int
     events: list[int]  # chunk_ns of the timeline
+    prefill: int = 0  # prompt tokens to compute: those the prefix cache does not hold
+    answer: list[int] = field(default_factory=list)  # the ids generated
+    send_ids: bool = False  # each chunk carries its token's id (return_token_ids)
+    finished: Callable[[], None] = lambda: None  # called when the last token was generated
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     sent: int = 0  # output tokens generated so far
     held: list[bytes | None] | None = None  # while stalled: chunks to send (None: the end of the stream)
+
+    def chunk(self, i: int) -> bytes:
+        """The event of output token i."""
+        return _chunk(self.rid, self.chat, " t", "length" if i == self.osl - 1 else None,
+                      self.answer[i] if self.send_ids else None)
 
     def send(self, data: bytes | None) -> None:
         """A token chunk, or None for the usage, [DONE] and the end of the stream."""
@@ -202,6 +233,7 @@ class _Stream:
             self.resp.write(data)
             self.events.append(ns())
         else:
+            self.finished()
             self.resp.write(_usage_chunk(self.rid, self.isl, self.osl))
             self.resp.write(b"data: [DONE]\n\n")
             self.resp.end_stream()
@@ -289,7 +321,7 @@ class _EngineLoop:
             while self.pending and self.pending[0][0] <= start_ns + self.plan_lag_ns:
                 rid = self.pending.pop(0)[1]
                 stream = self.streams[rid]
-                self.engine.add(rid, stream.isl, stream.osl, start_ns / 1e9)
+                self.engine.add(rid, max(1, stream.prefill), stream.osl, start_ns / 1e9)
             step = self.engine.step()
             if step is None:  # everything that had arrived was dropped
                 end_ns = start_ns
@@ -316,7 +348,7 @@ class _EngineLoop:
                 stream.held = []
                 asyncio.get_running_loop().call_later(faults.stall_s, stream.release)
             stream.sent += 1
-            stream.send(_chunk(rid, stream.chat, " t", "length" if i == stream.osl - 1 else None))
+            stream.send(stream.chunk(i))
         for rid in step.finished:
             if (stream := self.streams.get(rid)) is not None:
                 stream.send(None)
@@ -326,6 +358,12 @@ def build_routes(cfg: MockConfig) -> dict:
     state = _State(cfg=cfg, slots=asyncio.Semaphore(cfg.latency.max_num_seqs))
     if cfg.engine is not None:
         state.engine = _EngineLoop(cfg)
+    if cfg.prefix_cache_block_tokens:
+        state.cache = PrefixCache(cfg.prefix_cache_block_tokens)
+
+    async def metrics(_req: Request, resp: Response) -> None:
+        ttfts = ((t["chunk_ns"][0] - t["recv_ns"]) / 1e9 for t in state.timeline.values() if t["chunk_ns"])
+        resp.send_text(metrics_text(state.cache, ttfts))
 
     def reply(obj_of_request):
         async def handler(req: Request, resp: Response) -> None:
@@ -342,6 +380,7 @@ def build_routes(cfg: MockConfig) -> dict:
         ("POST", "/tokenize"): reply(_tokenize),
         ("POST", "/detokenize"): reply(lambda r: {"prompt": " ".join(f"t{i}" for i in r.json()["tokens"])}),
         ("GET", "/mock/timeline"): reply(lambda _r: state.timeline),
+        ("GET", "/metrics"): metrics,
     }
 
 

@@ -15,11 +15,13 @@ Max-model-len policies, for a limit L (both ISL and OSL stay >= 1):
   truncate: the prompt loses its oldest context: OSL' = min(OSL, L-1), ISL' = min(ISL, L - OSL').
   cap:      the prompt is kept where it fits and max_tokens is cut to the context left:
             ISL' = min(ISL, L-1), OSL' = min(OSL, L - ISL').
+Sessions (workload.sessions) end before their first turn that does not fit, whatever the policy;
+a first turn that does not fit is fitted by the policy on its own (drop: no session).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -29,6 +31,16 @@ from pydantic import Field, ValidationError, model_validator
 
 from pricing.paths import profiles_dir
 from pricing.schema import ProfileSummary, Strict
+from pricing.workload.sessions import (
+    Session,
+    SessionStats,
+    SessionTurn,
+    cut_to_fit,
+    history_share,
+    pool_rows,
+    prompt_tokens,
+    session_stats,
+)
 from pricing.workload.sources import ProfileInputError, TimeWindow, TurnLengths
 
 DEFAULT_PROFILE = "wildchat-2024-03-17_23"
@@ -108,12 +120,31 @@ class TrafficProfile(Strict):
     pool_seed: int = 0
     pool_isl: list[int]
     pool_osl: list[int]
+    # Chat sessions (workload.sessions), absent from profiles built before them or from sources
+    # without any: their statistics, and the sessions replayed, each [[new input, output, think s], ...].
+    sessions: SessionStats | None = None
+    session_pool: list[list[tuple[int, int, float]]] | None = None
 
     @model_validator(mode="after")
     def _pool_is_pairs(self) -> TrafficProfile:
         if len(self.pool_isl) != len(self.pool_osl) or not self.pool_isl:
             raise ValueError("pool_isl and pool_osl must be non-empty and of equal length")
+        if self.session_pool is not None and not self.session_pool:
+            raise ValueError("session_pool, when present, must hold sessions")
         return self
+
+    def replay_sessions(self, max_model_len: int | None = None, policy: Policy = "cap") -> list[tuple[SessionTurn, ...]]:
+        """The session pool, each session fitted into max_model_len (module docstring)."""
+        if not self.session_pool:
+            raise ValueError(f"profile {self.name} has no sessions to replay; build it with `python -m pricing.profile` "
+                             "from a lengths file, conversations or a sessions file")
+        sessions = [tuple(SessionTurn(*t) for t in s) for s in self.session_pool]
+        if max_model_len is None:
+            return sessions
+        fitted = [f for s in sessions if (f := fit_session(s, max_model_len, policy)) is not None]
+        if not fitted:
+            raise ValueError(f"profile {self.name}: no session fits max_model_len={max_model_len}; use cap or truncate")
+        return fitted
 
     def pool(self, max_model_len: int | None = None, policy: Policy = "cap") -> tuple[np.ndarray, np.ndarray]:
         """The sampling pool as int64 arrays, with the max-model-len policy applied."""
@@ -134,15 +165,25 @@ class TrafficProfile(Strict):
         idx = np.random.default_rng(seed).integers(0, len(isl), size=n)
         return list(zip(isl[idx].tolist(), osl[idx].tolist(), strict=True))
 
-    def summary(self, seed: int = 0, max_model_len: int | None = None, policy: Policy = "cap") -> ProfileSummary:
+    def summary(self, seed: int = 0, max_model_len: int | None = None, policy: Policy = "cap",
+                sessions: bool = False) -> ProfileSummary:
         """What a probe record carries. With a limit, the statistics are of the traffic actually
-        sent (the policy applied to the pool), since capacity was measured on that traffic."""
-        if max_model_len is None:
-            isl_s, osl_s = self.isl, self.osl
-        else:
-            isl_arr, osl_arr = self.pool(max_model_len, policy)
+        sent (the policy applied to the pool), since capacity was measured on that traffic. With
+        `sessions`, the traffic is the session pool's turns, each prompt holding its history."""
+        history = turns_per_session = None
+        if sessions:
+            replayed = self.replay_sessions(max_model_len, policy)
+            isl_arr, osl_arr = session_turn_lengths(replayed)
             isl_s, osl_s = length_stats(isl_arr), length_stats(osl_arr)
-        n_pairs = 1 if self.kind == "fixed" else SUMMARY_PAIRS
+            history, turns_per_session = history_share(replayed), len(isl_arr) / len(replayed)
+            idx = np.random.default_rng(seed).integers(0, len(isl_arr), size=SUMMARY_PAIRS)
+            pairs = list(zip(isl_arr[idx].tolist(), osl_arr[idx].tolist(), strict=True))
+        else:
+            if max_model_len is None:
+                isl_s, osl_s = self.isl, self.osl
+            else:
+                isl_s, osl_s = (length_stats(a) for a in self.pool(max_model_len, policy))
+            pairs = self.sample(1 if self.kind == "fixed" else SUMMARY_PAIRS, seed, max_model_len, policy)
         return ProfileSummary(
             name=self.name,
             kind=self.kind,
@@ -154,10 +195,29 @@ class TrafficProfile(Strict):
             osl_p50=osl_s.p50,
             osl_p90=osl_s.p90,
             osl_p99=osl_s.p99,
-            sample_pairs=self.sample(n_pairs, seed, max_model_len, policy),
+            sample_pairs=pairs,
             length_policy=policy if max_model_len is not None else None,
             max_model_len=max_model_len,
+            history_share=history,
+            turns_per_session=turns_per_session,
         )
+
+
+def session_turn_lengths(sessions: Sequence[Sequence[SessionTurn]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ISL, OSL) of every turn of the sessions as replayed, each prompt holding its history."""
+    isl = np.array([n for s in sessions for n in prompt_tokens(s)], dtype=np.int64)
+    return isl, np.array([t.output_tokens for s in sessions for t in s], dtype=np.int64)
+
+
+def fit_session(turns: Sequence[SessionTurn], max_model_len: int, policy: Policy) -> tuple[SessionTurn, ...] | None:
+    """The session up to its first turn that does not fit; a first turn that does not fit is
+    fitted by `policy` on its own (drop: None, no session)."""
+    first = turns[0]
+    if first.new_input_tokens + first.output_tokens <= max_model_len:
+        return cut_to_fit(turns, max_model_len)
+    isl, osl, keep = apply_length_policy(np.array([first.new_input_tokens]), np.array([first.output_tokens]),
+                                         max_model_len, policy)
+    return (SessionTurn(int(isl[0]), int(osl[0]), 0.0),) if keep[0] else None
 
 
 def apply_length_policy(
@@ -238,8 +298,11 @@ def build_profile(
     policy: Policy = "cap",
     pool_size: int = DEFAULT_POOL_SIZE,
     seed: int = 0,
+    sessions: Sequence[Session] | None = None,
+    session_rule: str | None = None,
 ) -> TrafficProfile:
-    """Statistics, histogram, arrivals and sampling pool of the turns (consumed once).
+    """Statistics, histogram, arrivals and sampling pool of the turns (consumed once), and of the
+    sessions when given (found by `session_rule`).
 
     With max_model_len the policy is applied before the statistics, so they describe the traffic
     a server with that limit would see; arrivals always count every turn (users still sent it)."""
@@ -268,6 +331,13 @@ def build_profile(
     pool_idx = np.arange(len(isl))
     if len(isl) > pool_size:  # sorted so the pool keeps the data's order
         pool_idx = np.sort(np.random.default_rng(seed).choice(len(isl), size=pool_size, replace=False))
+    stats = pool = None
+    if sessions:  # kept apart from the turns above: a session's turns may lie past the slice's end
+        if max_model_len is not None:
+            sessions = [Session(s.start_s, turns) for s in sessions
+                        if (turns := fit_session(s.turns, max_model_len, policy)) is not None]
+        stats = session_stats([s.turns for s in sessions], session_rule or "given")
+        pool = pool_rows(sessions, pool_size, seed)
     return TrafficProfile(
         name=name,
         source=source,
@@ -283,6 +353,8 @@ def build_profile(
         pool_seed=seed,
         pool_isl=isl[pool_idx].tolist(),
         pool_osl=osl[pool_idx].tolist(),
+        sessions=stats,
+        session_pool=pool,
     )
 
 

@@ -1,16 +1,18 @@
 """Streaming readers behind `pricing.profile`: WildChat-schema conversations (Hugging Face hub
 or local JSONL/Parquet, always through `datasets` in streaming mode) and precomputed
-(timestamp, isl, osl) length files. Each turn comes out as `TurnLengths`; bad input raises
-`ProfileInputError` naming file:line and field (for Parquet the "line" is the 1-based row)."""
+(timestamp, isl, osl) length files. Each turn comes out as `TurnLengths`, also in source order
+for sessions (`Readout`); bad input raises `ProfileInputError` naming file:line and field (for
+Parquet the "line" is the 1-based row)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -85,8 +87,8 @@ def _count(value: Any, where: tuple[str, int], field: str) -> int:
     return value
 
 
-def iter_length_file(path: Path, window: TimeWindow, skipped: Counter[str], advance: Advance) -> Iterator[TurnLengths]:
-    """Precomputed `{"timestamp", "isl", "osl"}` lines; turns outside `window` are counted and skipped."""
+def length_rows(path: Path, advance: Advance) -> Iterator[TurnLengths]:
+    """Every `{"timestamp", "isl", "osl"}` line of a lengths file, in file order, checked."""
     if not path.is_file():
         raise ProfileInputError(str(path), None, None, "no such file")
     with path.open("rb") as fh:
@@ -108,20 +110,25 @@ def iter_length_file(path: Path, window: TimeWindow, skipped: Counter[str], adva
                 ts_s = parse_timestamp(rec["timestamp"])
             except ValueError:
                 raise ProfileInputError(*where, "timestamp", f"not a timestamp: {rec['timestamp']!r}") from None
-            isl, osl = _count(rec["isl"], where, "isl"), _count(rec["osl"], where, "osl")
-            if not window.contains(ts_s):
-                skipped["turns_outside_window"] += 1
-            elif (reason := _unusable(isl, osl)) is not None:
-                skipped[reason] += 1
-            else:
-                yield TurnLengths(ts_s, isl, osl)
+            yield TurnLengths(ts_s, _count(rec["isl"], where, "isl"), _count(rec["osl"], where, "osl"))
 
 
-def _unusable(isl: int, osl: int) -> str | None:
+def select_turns(rows: Iterable[TurnLengths], window: TimeWindow, skipped: Counter[str]) -> Iterator[TurnLengths]:
+    """The rows that are requests of the slice: inside `window` and usable; the others are counted."""
+    for turn in rows:
+        if not window.contains(turn.timestamp_s):
+            skipped["turns_outside_window"] += 1
+        elif (reason := unusable(turn)) is not None:
+            skipped[reason] += 1
+        else:
+            yield turn
+
+
+def unusable(turn: TurnLengths) -> str | None:
     """A turn with no answer tokens (or no prompt tokens) is no request a load client can send."""
-    if osl == 0:
+    if turn.osl == 0:
         return "empty_answer"
-    if isl == 0:
+    if turn.isl == 0:
         return "empty_prompt"
     return None
 
@@ -258,10 +265,10 @@ def _messages(row: dict, where: Callable[[], tuple[str, int]]) -> list[Message]:
     for i, msg in enumerate(conversation):
         if not isinstance(msg, dict):
             raise ProfileInputError(*where(), f"conversation[{i}]", "expected an object with role and content")
-        for field in ("role", "content"):
-            if not isinstance(msg.get(field), str):
-                problem = "required field is missing" if msg.get(field) is None else f"expected a string, got {msg[field]!r}"
-                raise ProfileInputError(*where(), f"conversation[{i}].{field}", problem)
+        for key in ("role", "content"):
+            if not isinstance(msg.get(key), str):
+                problem = "required field is missing" if msg.get(key) is None else f"expected a string, got {msg[key]!r}"
+                raise ProfileInputError(*where(), f"conversation[{i}].{key}", problem)
         ts_s = None
         if msg.get("timestamp") is not None:
             try:
@@ -272,20 +279,29 @@ def _messages(row: dict, where: Callable[[], tuple[str, int]]) -> list[Message]:
     return out
 
 
+def _answered(messages: list[Message]) -> Iterator[int]:
+    """Indices of the user turns answered by the next (assistant) turn: each is one request."""
+    for i, msg in enumerate(messages[:-1]):
+        if msg.role == "user" and messages[i + 1].role == "assistant":
+            yield i
+
+
 def conversation_turns(messages: list[Message], token_counts: list[int], conversation_ts_s: float) -> list[TurnLengths]:
     """Multi-turn accounting: each user turn answered by the next (assistant) turn is one request.
 
     ISL = tokens of every earlier turn (user, assistant, system) + this user turn; OSL = tokens
     of the answer. Message contents are counted without special tokens or chat template, since
     the server adds its own. A user turn with no answer after it only adds to the context."""
-    turns, context = [], 0
-    for i, (msg, n_tokens) in enumerate(zip(messages, token_counts, strict=True)):
-        answer = messages[i + 1] if i + 1 < len(messages) else None
-        if msg.role == "user" and answer is not None and answer.role == "assistant":
-            ts_s = msg.timestamp_s if msg.timestamp_s is not None else conversation_ts_s
-            turns.append(TurnLengths(ts_s, context + n_tokens, token_counts[i + 1]))
-        context += n_tokens
-    return turns
+    context = [0, *accumulate(token_counts)]  # tokens before message i
+    return [TurnLengths(messages[i].timestamp_s if messages[i].timestamp_s is not None else conversation_ts_s,
+                        context[i] + token_counts[i], token_counts[i + 1])
+            for i in _answered(messages)]
+
+
+def answer_times(messages: list[Message]) -> list[float | None]:
+    """When each request's answer came (WildChat stamps assistant turns too), in the order of
+    `conversation_turns`; None where the answer carries no timestamp."""
+    return [messages[i + 1].timestamp_s for i in _answered(messages)]
 
 
 def load_token_counter(spec: str) -> Callable[[list[str]], list[int]]:
@@ -310,6 +326,14 @@ def load_token_counter(spec: str) -> Callable[[list[str]], list[int]]:
     return count
 
 
+class Conversation(NamedTuple):
+    """One conversation's requests in order (every answered user turn, inside the slice or not)
+    and when each answer came (None where unstamped): what sessions are built from."""
+
+    turns: list[TurnLengths]
+    answered_s: list[float | None]
+
+
 def iter_conversation_turns(
     spec: str,
     window: TimeWindow,
@@ -318,29 +342,35 @@ def iter_conversation_turns(
     skipped: Counter[str],
     advance: Advance,
     max_rows: int | None = None,
-) -> Iterator[TurnLengths]:
-    """Turns of conversations in `window` whose own user timestamp is also in it.
+) -> Iterator[Conversation]:
+    """The answered turns of every conversation in `window`, in order.
 
-    A conversation is selected by its timestamp (its last turn, in WildChat); its turns that
-    arrived before the window still count as context but are not requests in this slice."""
+    A conversation is selected by its timestamp (its last turn, in WildChat); which of its turns
+    are requests of the slice (their own timestamp in it) is `select_turns`' business: turns
+    that arrived before the window still count as context."""
     for conv_ts_s, messages in iter_conversations(spec, window, split, skipped, advance, max_rows):
-        answered = False
-        for turn in conversation_turns(messages, count_tokens([m.content for m in messages]), conv_ts_s):
-            answered = True
-            if not window.contains(turn.timestamp_s):
-                skipped["turns_outside_window"] += 1
-            elif (reason := _unusable(turn.isl, turn.osl)) is not None:
-                skipped[reason] += 1
-            else:
-                yield turn
-        if not answered:
+        turns = conversation_turns(messages, count_tokens([m.content for m in messages]), conv_ts_s)
+        if not turns:
             skipped["conversations_without_answer"] += 1
+            continue
+        yield Conversation(turns, answer_times(messages))
 
 
 def _json_problem(exc: ValueError) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at column {exc.colno}"  # the line is named by the caller
     return str(exc)
+
+
+@dataclass
+class Readout:
+    """What the readers found: the usable turns in the slice (the profile's statistics and pool),
+    and every turn in the order the source gives them, for sessions (workload.sessions)."""
+
+    turns: list[TurnLengths]
+    source: str
+    rows: list[TurnLengths] = field(default_factory=list)  # lengths files: every row, in file order
+    conversations: list[Conversation] = field(default_factory=list)  # conversation sources
 
 
 def read_turns(
@@ -351,9 +381,10 @@ def read_turns(
     window: TimeWindow,
     skipped: Counter[str],
     max_rows: int | None = None,
-) -> tuple[list[TurnLengths], str]:
-    """Every usable turn of the length files or conversation sources, and a description of them;
-    a rich progress bar on stderr while it streams (when stderr is a terminal)."""
+) -> Readout:
+    """Every usable turn of the length files or conversation sources, with a description of them
+    and the turns in source order; a rich progress bar on stderr while it streams (when stderr
+    is a terminal)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -363,16 +394,17 @@ def read_turns(
         TimeElapsedColumn,
     )
 
-    turns: list[TurnLengths] = []
     console = Console(stderr=True)
     quiet = not console.is_terminal  # a bar in a log file is noise
     if lengths:
+        rows: list[TurnLengths] = []
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
                       console=console, transient=True, disable=quiet) as bar:
             for path in lengths:
                 task = bar.add_task(f"reading {path.name}", total=path.stat().st_size if path.is_file() else None)
-                turns.extend(iter_length_file(path, window, skipped, lambda n, t=task: bar.advance(t, n)))
-        return turns, "lengths " + ", ".join(p.name for p in lengths)
+                rows.extend(length_rows(path, lambda n, t=task: bar.advance(t, n)))
+        turns = list(select_turns(rows, window, skipped))
+        return Readout(turns, "lengths " + ", ".join(p.name for p in lengths), rows=rows)
     if not dataset:
         raise ProfileInputError("input", None, None, "give --lengths files or --dataset sources")
     if not tokenizer:
@@ -383,17 +415,20 @@ def read_turns(
     for handler in logging.getLogger("datasets").handlers:  # its parse errors reach us as exceptions and are
         handler.addFilter(_below_error)  # reported once, with file:line; a logged copy would be a second line
     count_tokens = load_token_counter(tokenizer)
+    turns: list[TurnLengths] = []
+    conversations: list[Conversation] = []
     with Progress(TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
                   TextColumn("{task.fields[turns]:,} turns"), TimeElapsedColumn(),
                   console=console, transient=True, disable=quiet) as bar:
         for spec in dataset:
             task = bar.add_task(f"streaming {spec}", total=None, turns=len(turns))
             advance = lambda n, t=task: bar.advance(t, n)  # noqa: E731
-            for turn in iter_conversation_turns(spec, window, split, count_tokens, skipped, advance, max_rows):
-                turns.append(turn)
+            for conversation in iter_conversation_turns(spec, window, split, count_tokens, skipped, advance, max_rows):
+                conversations.append(conversation)
+                turns.extend(select_turns(conversation.turns, window, skipped))
                 bar.update(task, turns=len(turns))
     names = [Path(spec).name if is_local_source(spec) else spec for spec in dataset]
-    return turns, f"conversations {', '.join(names)} (split {split})"
+    return Readout(turns, f"conversations {', '.join(names)} (split {split})", conversations=conversations)
 
 
 def _below_error(record: logging.LogRecord) -> bool:

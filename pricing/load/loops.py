@@ -1,0 +1,425 @@
+"""Driving one load level: closed and open loops of units (one request, or one chat session in
+`sessions.py`), the steady-state window controller, warm-up, the window's tail and the drain.
+Statistics are measure's; requests are sent by `client.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+import numpy as np
+
+from pricing.load.client import ClientConfig, ProbePlan, Reply, sent_stamp_trace, stream_request
+from pricing.load.read_stamps import reports_reads, stamped_connector
+from pricing.load.server_watch import ServerWatch, backoff_s, describe, error_kind, is_connection_error
+from pricing.schema import CANCELLED, AbortKind, LoadSpec, RequestRecord
+from pricing.workload.prompts import PromptFactory, PromptSource
+
+OnRecord = Callable[[RequestRecord], None]
+READ_BUFSIZE = 64 * 2**20
+
+
+# Called at most every STOP_RULE_EVERY_S once the window is long enough: (records so far, window
+# start, now) -> True when the figures the probe is judged on are decided.
+StopRule = Callable[[Sequence[RequestRecord], int, int], bool]
+# Told when the window opens and when it closes (e.g. to scrape the server's /metrics then).
+WindowMark = Callable[[Literal["open", "close"], int], None]
+STOP_RULE_EVERY_S = 1.0
+
+
+@dataclass
+class LoadRun:
+    """What driving one load level produced: raw records and the window; statistics are measure's."""
+
+    records: list[RequestRecord]
+    window_start_ns: int
+    window_end_ns: int  # when the window closed; records go on to the end of the tail
+    aborted: str | None = None  # why the probe stopped early, for people
+    abort: AbortKind | None = None  # the same, for code
+    prompt_wait_s: float | None = None  # mean wait per in-window request for its prompt (None: none taken)
+    undecided_at_cap: bool = False  # the stop rule never said decided before max_duration_s
+    # Failed requests started in the window that were counted, not kept (ProbePlan.max_kept_failures).
+    dropped_failures: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _RunState:
+    plan: ProbePlan
+    load: LoadSpec
+    on_record: OnRecord | None
+    watch: ServerWatch
+    records: list[RequestRecord] = field(default_factory=list)
+    window_start_ns: int | None = None
+    window_end_ns: int | None = None
+    window_target_s: float = 0.0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    ok_count: int = 0
+    fail_count: int = 0
+    window_completions: int = 0
+    in_flight: int = 0  # requests sent and not yet recorded
+    tail_pending: int = 0  # requests sent before the window closed that have not finished
+    aborted: str | None = None
+    abort: AbortKind | None = None
+    undecided_at_cap: bool = False
+    prompt_wait_ns: int = 0  # in the window, summed over requests: time spent waiting for a prompt
+    prompts_taken: int = 0  # in the window
+    dropped_failures: dict[str, int] = field(default_factory=dict)  # in the window, by kind, not kept
+
+    def add(self, rec: RequestRecord) -> None:
+        self.watch.finished(rec)
+        failed = not rec.ok and rec.error != CANCELLED
+        if failed:
+            self.fail_count += 1
+        if failed and self.fail_count > self.plan.max_kept_failures:
+            if self._in_window(rec.start_ns):
+                self.dropped_failures[rec.error] = self.dropped_failures.get(rec.error, 0) + 1  # type: ignore[index]
+        else:
+            self.records.append(rec)
+        if rec.ok:
+            self.ok_count += 1
+            # Anything added before the window opened also started before it: no recount needed.
+            if self.window_start_ns is not None and rec.start_ns >= self.window_start_ns:
+                self.window_completions += 1
+        elif failed and self.ok_count == 0 and self.fail_count >= self.plan.fail_fast_after:
+            if is_connection_error(rec.error):
+                self.abort = "server_unreachable"
+                self.aborted = (f"server {self.watch.url} unreachable: {self.watch.cause()} (its first "
+                                f"{self.fail_count} requests failed); is the server running?")
+            else:
+                self.abort = "server_failing"
+                self.aborted = (f"first {self.fail_count} requests to {self.watch.url} failed ({rec.error}); "
+                                "is the server healthy?")
+            self.stop.set()
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    def _in_window(self, start_ns: int) -> bool:
+        """Started in the window (measure.requests.cohort counts such failures)."""
+        w0, w1 = self.window_start_ns, self.window_end_ns
+        return w0 is not None and start_ns >= w0 and (w1 is None or start_ns <= w1)
+
+    def open_window(self, now_ns: int) -> None:
+        """Warm-up is over: the window's length follows from how long warm-up requests took."""
+        self.window_start_ns = now_ns
+        e2e = [(r.end_ns - r.start_ns) / 1e9 for r in self.records if r.ok]
+        p90 = float(np.percentile(e2e, 90)) if e2e else 0.0
+        self.window_target_s = max(self.plan.min_window_s, self.plan.window_e2e_multiple * p90)
+
+
+def _arrival_gaps_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[float]:
+    """Gamma inter-arrival times with mean 1/rate; shape 1 is Poisson, smaller is burstier."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / (rate_rps * burstiness)
+    while True:
+        yield from rng.gamma(burstiness, scale, size=1024)
+
+
+async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: StopRule | None,
+                      mark: WindowMark | None) -> None:
+    """Opens nothing (the load does that at the end of warm-up); closes the window once it is full
+    and decided, then ends the probe when the window's requests have finished (or the tail's cap)."""
+    plan, t0 = state.plan, clock()
+    last_rule_ns, opened, tail_end_ns = 0, False, 0
+    while not state.stop.is_set():
+        now = clock()
+        if (gone := state.watch.verdict(now)) is not None:
+            state.abort, state.aborted = gone
+            state.stop.set()
+            return
+        w0 = state.window_start_ns
+        if w0 is not None and not opened:
+            opened = True
+            if mark is not None:
+                mark("open", w0)
+        over_time = (now - t0) / 1e9 >= plan.max_duration_s
+        if state.window_end_ns is None:
+            filled = (w0 is not None and (now - w0) / 1e9 >= state.window_target_s
+                      and state.window_completions >= plan.min_requests)
+            decided = filled and stop_rule is None
+            if filled and not decided and (now - last_rule_ns) / 1e9 >= STOP_RULE_EVERY_S:
+                last_rule_ns = now
+                decided = stop_rule(state.records, w0, now)  # type: ignore[arg-type,misc]
+            extended_enough = filled and (now - w0) / 1e9 >= plan.max_extension * state.window_target_s  # type: ignore[operator]
+            if decided or (filled and (over_time or extended_enough)):
+                state.undecided_at_cap = not decided
+                state.window_end_ns, state.tail_pending = now, state.in_flight
+                window_s = (now - w0) / 1e9  # type: ignore[operator]
+                tail_s = min(plan.tail_frac * window_s, max(0.0, plan.max_duration_s - (now - t0) / 1e9))
+                tail_end_ns = now + int(tail_s * 1e9)
+                if mark is not None:
+                    mark("close", now)
+            elif over_time:
+                if state.aborted is None:
+                    state.abort = "window_not_filled"
+                    state.aborted = f"max_duration_s={plan.max_duration_s:g} reached before the window filled"
+                state.stop.set()
+                return
+        elif state.tail_pending <= 0 or now >= tail_end_ns:
+            state.stop.set()
+            return
+        try:
+            await asyncio.wait_for(state.stop.wait(), timeout=0.05)
+        except asyncio.TimeoutError:
+            pass
+
+
+@dataclass
+class Sink:
+    """Where a unit reports: each finished request, and its last request once the unit has done
+    what warm-up waits for (one request; a whole session, so that the mix of first and later
+    turns, and the prefix cache, are near their steady state when the window opens)."""
+
+    done: Callable[[RequestRecord], None]
+    warmed: Callable[[RequestRecord], None]
+
+
+# What a closed-loop worker repeats and an open-loop arrival starts: one request (and a closed
+# loop's think time after it) or one chat session (load.sessions). Called with the sink, the
+# share of the output its first request asks for, and the worker's generator; returns False
+# once the probe is stopping (its request was cancelled).
+Unit = Callable[[Sink, float, np.random.Generator], Awaitable[bool]]
+
+
+class Link:
+    """One probe's HTTP session, in-flight accounting and server watch: every request of a unit
+    goes through it."""
+
+    def __init__(self, session: aiohttp.ClientSession, cfg: ClientConfig, state: _RunState,
+                 clock: Callable[[], int]) -> None:
+        self.session, self.cfg, self.state, self.clock = session, cfg, state, clock
+        self._tokens = itertools.count()
+
+    async def send(self, prompt: list[int] | str, isl: int, osl: int, token_ids: bool = False) -> Reply:
+        state, watch = self.state, self.state.watch
+        state.in_flight += 1
+        sent_ns, token = self.clock(), next(self._tokens)
+        watch.sent(token, sent_ns)
+        try:
+            return await stream_request(self.session, self.cfg, prompt, isl, osl, self.clock, token_ids, watch.causes)
+        finally:
+            watch.done(token)
+            state.in_flight -= 1
+            if state.window_end_ns is not None and sent_ns <= state.window_end_ns:
+                state.tail_pending -= 1
+
+    def failed(self, isl: int, osl: int, error: str) -> RequestRecord:
+        """A request that could not be sent, as a record of its error."""
+        now = self.clock()
+        return RequestRecord(start_ns=now, end_ns=now, target_input_tokens=isl, target_output_tokens=osl, error=error,
+                             wall_time_s=time.time())
+
+
+MakeUnit = Callable[[Link], tuple[Unit, Callable[[], None]]]  # the unit, and what to close at the drain
+
+
+async def drive_load(
+    cfg: ClientConfig,
+    load: LoadSpec,
+    pairs: Iterator[tuple[int, int]],
+    plan: ProbePlan | None = None,
+    on_record: OnRecord | None = None,
+    clock: Callable[[], int] = time.perf_counter_ns,
+    stop_rule: StopRule | None = None,
+    mark: WindowMark | None = None,
+) -> LoadRun:
+    """Drive one load level of independent requests, (input, output) lengths from `pairs`, through
+    warm-up, its steady-state window and the window's tail (`run_units`)."""
+    with PromptFactory(cfg) as prompts:  # new token ids every probe: nothing for the prefix cache
+
+        def make_unit(link: Link) -> tuple[Unit, Callable[[], None]]:
+            source = PromptSource(prompts, link.session, pairs, ahead=max(load.concurrency or 0, 16))
+            return _request_unit(link, source, load), source.close
+
+        return await run_units(cfg, load, make_unit, plan, on_record, clock, stop_rule, mark)
+
+
+async def run_units(
+    cfg: ClientConfig,
+    load: LoadSpec,
+    make_unit: MakeUnit,
+    plan: ProbePlan | None = None,
+    on_record: OnRecord | None = None,
+    clock: Callable[[], int] = time.perf_counter_ns,
+    stop_rule: StopRule | None = None,
+    mark: WindowMark | None = None,
+    arrivals_per_request: float = 1.0,
+) -> LoadRun:
+    """Drive one load level of units through warm-up, its steady-state window and the window's
+    tail, then stop and cut the rest. An open loop starts units at `arrivals_per_request` x the
+    load's request rate (a session of n turns on average: 1/n).
+
+    Warm-up ends when every closed-loop worker has completed one unit (open loop: when the first
+    unit completes, i.e. the pipeline is full). The drain starts when issuing stops; requests
+    still in flight then are cancelled and recorded as "cancelled", not as errors.
+    """
+    plan = plan or ProbePlan()
+    watch = ServerWatch(cfg.base_url, plan.unreachable_after_s, plan.server_stall_s)
+    state = _RunState(plan=plan, load=load, on_record=on_record, watch=watch)
+    limit = load.concurrency or 0
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
+    connector = stamped_connector(clock, on_read=watch.read, limit=limit, limit_per_host=limit)
+    watch.reads_reported = reports_reads(connector)
+    # read_bufsize: a stream is read once, when it ends, so its buffer must hold a whole reply
+    # (aiohttp stops reading a socket whose buffer passes twice this).
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trace_configs=[sent_stamp_trace(clock)],
+                                     read_bufsize=READ_BUFSIZE) as session:
+        unit, close = make_unit(Link(session, cfg, state, clock))
+        if load.mode == "closed":
+            tasks = _start_closed_loop(state, unit, cfg.seed)
+        else:
+            rate_rps = (load.request_rate_rps or 1.0) * arrivals_per_request
+            tasks = [asyncio.create_task(_open_loop(state, unit, rate_rps, cfg.seed, clock))]
+        await _controller(state, clock, stop_rule, mark)
+        drain_ns = clock()
+        close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if state.abort is None and watch.streak > 0 and not await _answers(session, cfg.base_url):
+            # The server died as the probe ended (its last requests' connections failed): the
+            # window's figures hold failures it caused, so the probe is measured again on resume.
+            state.abort = "server_unreachable"
+            state.aborted = (f"server {cfg.base_url} unreachable: the probe's last requests failed "
+                             f"({watch.cause()}) and it does not answer")
+
+    w0 = state.window_start_ns if state.window_start_ns is not None else drain_ns
+    w1 = state.window_end_ns if state.window_end_ns is not None else drain_ns
+    wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9 if state.prompts_taken else None
+    return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, w1, state.aborted, state.abort, wait_s,
+                   state.undecided_at_cap, dict(state.dropped_failures))
+
+
+ALIVE_CHECK_S = 2.0
+
+
+async def _answers(session: aiohttp.ClientSession, base_url: str) -> bool:
+    """Whether anything answers HTTP at `base_url` (any status: a 404 is a live server)."""
+    try:
+        async with session.get(f"{base_url.rstrip('/')}/health", timeout=aiohttp.ClientTimeout(total=ALIVE_CHECK_S)):
+            return True
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False
+
+
+def _request_unit(link: Link, source: PromptSource, load: LoadSpec) -> Unit:
+    """One independent request, then (closed loop) a think time."""
+    state, clock = link.state, link.clock
+    think_s = load.think_s if load.mode == "closed" else 0.0
+
+    async def one(sink: Sink, osl_fraction: float, rng: np.random.Generator) -> bool:
+        asked_ns = clock()
+        isl, osl, prompt = await source.next()
+        if state.window_start_ns is not None:
+            state.prompt_wait_ns += clock() - asked_ns
+            state.prompts_taken += 1
+        osl = 1 if load.prefill_only else max(1, round(osl * osl_fraction))
+        if isinstance(prompt, (aiohttp.ClientError, asyncio.TimeoutError)):
+            kind = f"prompt_{error_kind(prompt)}"  # the server's /detokenize failed
+            state.watch.causes[kind] = describe(prompt)
+            rec = link.failed(isl, osl, kind)
+        elif isinstance(prompt, Exception):
+            raise prompt
+        else:
+            rec = (await link.send(prompt, isl, osl)).record
+        sink.done(rec)
+        if rec.error == CANCELLED:  # the drain: a window opened now would start after it
+            return False
+        sink.warmed(rec)
+        if think_s > 0:  # a user reading the answer before the next question
+            await asyncio.sleep(think_time_s(rng, think_s))
+        return True
+
+    return one
+
+
+# A think time is a fixed part plus an exponential one (mean think_s in all). The exponential part
+# breaks the lockstep a closed loop of equal requests falls into; the fixed part keeps it from
+# being near zero, where a client's own millisecond turnaround would decide which engine step a
+# request joins (the offline truth, sim_truth, draws think times the same way).
+THINK_FIXED_FRAC = 0.2
+
+
+def think_time_s(rng: np.random.Generator, mean_s: float) -> float:
+    return mean_s * (THINK_FIXED_FRAC + float(rng.exponential(1.0 - THINK_FIXED_FRAC)))
+
+
+def _start_closed_loop(state: _RunState, unit: Unit, seed: int) -> list[asyncio.Task]:
+    n = state.load.concurrency or 1
+    first_done: list[int | None] = [None] * n
+
+    async def worker(slot: int) -> None:
+        rng = np.random.default_rng((seed, slot))
+        failures = 0  # units in a row ending in a failure: a failing server gets a growing pause, not a hot loop
+        last_ok = True
+
+        def done(rec: RequestRecord) -> None:
+            nonlocal last_ok
+            last_ok = rec.ok
+            state.add(rec)
+
+        def warmed(rec: RequestRecord) -> None:
+            if first_done[slot] is None:
+                first_done[slot] = rec.end_ns
+                if all(t is not None for t in first_done):
+                    state.open_window(max(first_done))  # type: ignore[type-var]
+
+        sink = Sink(done, warmed)
+        if state.plan.ramp_up_s:
+            await asyncio.sleep(state.plan.ramp_up_s * slot / n)
+        # Slot i's first request asks for (i+1)/N of its output: equal requests started together
+        # would otherwise run in lockstep for many rounds (all finish, all return, their prefills
+        # queue together), far from the steady state. First requests end before the window opens.
+        fraction = (slot + 1) / n
+        while not state.stop.is_set():
+            if not await unit(sink, fraction, rng):
+                return
+            fraction = 1.0
+            failures = 0 if last_ok else failures + 1
+            if failures:
+                await asyncio.sleep(backoff_s(failures))
+
+    return [asyncio.create_task(worker(i)) for i in range(n)]
+
+
+async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, clock) -> None:
+    """Poisson/gamma arrivals of units; at most `concurrency` in progress (later ones wait for a slot)."""
+    load = state.load
+    slots = asyncio.Semaphore(load.concurrency) if load.concurrency else None
+    in_flight: set[asyncio.Task] = set()
+    rng = np.random.default_rng((seed, 1))
+
+    def warmed(rec: RequestRecord) -> None:
+        if state.window_start_ns is None and rec.ok:
+            state.open_window(rec.end_ns)
+
+    sink = Sink(state.add, warmed)
+
+    async def one() -> None:
+        if slots is not None:
+            async with slots:
+                await unit(sink, 1.0, rng)
+        else:
+            await unit(sink, 1.0, rng)
+
+    next_ns = clock()
+    try:
+        for gap_s in _arrival_gaps_s(rate_rps, load.burstiness, seed):
+            if state.stop.is_set():
+                break
+            delay_s = (next_ns - clock()) / 1e9
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            task = asyncio.create_task(one())
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            next_ns += int(gap_s * 1e9)
+    finally:
+        for task in list(in_flight):
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)

@@ -1,0 +1,150 @@
+"""Session replay (pricing.load.sessions) against the mock server, which streams token ids and
+keeps a prefix cache: each prompt extends the last prompt and answer exactly, think times
+scale, open loops start sessions, and a probe records the cache's hits beside the history share."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from pricing.load.client import ClientConfig, ProbePlan
+from pricing.load.sessions import SessionTraffic
+from pricing.measure.probe import measured_probe, run_probe
+from pricing.schema import LoadSpec
+from pricing.testing.mock_server import LatencyModel, MockConfig
+from pricing.workload.sessions import SessionTurn, history_share
+
+FAST = LatencyModel(ttft_base_s=0.002, tpot_base_s=0.002)
+BLOCK = 4
+
+
+def sessions_load(n: int = 2, kind: str = "decode", think_scale: float = 0.0) -> LoadSpec:
+    return LoadSpec(mode="closed", concurrency=n, kind=kind, sessions=True, think_scale=think_scale)
+
+
+def timeline(url: str) -> dict:
+    return json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
+
+
+def by_session(entries: list[dict], first_tokens: int) -> list[list[dict]]:
+    """Timeline entries grouped by their first turn's random ids, each group in arrival order."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for entry in sorted(entries, key=lambda e: e["recv_ns"]):
+        groups[tuple(entry["prompt"][:first_tokens])].append(entry)
+    return list(groups.values())
+
+
+THREE = (SessionTurn(20, 5, 0.0), SessionTurn(7, 4, 0.0), SessionTurn(3, 6, 0.0))
+
+
+async def test_each_prompt_is_the_last_prompt_and_answer_as_streamed_plus_new_tokens(mock_server):
+    mock = mock_server(MockConfig(latency=FAST, prefix_cache_block_tokens=BLOCK, timeline_prompts=True))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    result = await run_probe(cfg, sessions_load(2), SessionTraffic([THREE]), ProbePlan(min_window_s=0.5, min_requests=6))
+    assert result.stats.failed == 0 and result.aborted is None
+    done = {r.response_id for r in result.records if r.ok}
+    sessions = [g for g in by_session(list(timeline(mock.url).values()), 20) if all(e["chunk_ns"] for e in g)]
+    continued = 0
+    for turns in sessions:
+        assert len(turns) <= 3 and len(turns[0]["prompt"]) == 20
+        for k in range(1, len(turns)):
+            prev, this = turns[k - 1], turns[k]
+            streamed = prev["answer"][:prev["osl"]]
+            history = prev["prompt"] + streamed
+            assert this["prompt"][:len(history)] == history  # the exact ids, answer as streamed
+            assert len(this["prompt"]) == len(history) + THREE[k].new_input_tokens
+            # the mock's cache served every whole block of what it computed for the last turn
+            assert this["cached"] == (len(history) - 1) // BLOCK * BLOCK
+            continued += 1
+    assert continued >= 4
+    assert all(r.prompt_tokens == r.target_input_tokens for r in result.records if r.response_id in done)
+
+
+async def test_think_time_scales_and_zero_sends_at_once(mock_server):
+    mock = mock_server(MockConfig(latency=FAST))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    two = [(SessionTurn(10, 3, 0.0), SessionTurn(5, 3, 0.4))]
+    for scale, low_s, high_s in ((0.5, 0.2, 0.26), (0.0, 0.0, 0.02)):
+        result = await run_probe(cfg, sessions_load(1, think_scale=scale), SessionTraffic(two),
+                                 ProbePlan(min_window_s=0.8, min_requests=4))
+        records = sorted((r for r in result.records if r.ok), key=lambda r: r.start_ns)
+        gaps = [(b.start_ns - a.end_ns) / 1e9 for a, b in zip(records, records[1:])
+                if b.target_input_tokens == 10 + 3 + 5]  # turn 2 after its turn 1
+        assert len(gaps) >= 2 and all(low_s <= g <= high_s for g in gaps), (scale, gaps)
+
+
+async def test_open_loop_starts_sessions_at_the_rate_over_the_mean_turns(mock_server):
+    mock = mock_server(MockConfig(latency=FAST))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    two = [(SessionTurn(10, 3, 0.0), SessionTurn(5, 3, 0.0))]
+    load = LoadSpec(mode="open", request_rate_rps=40.0, sessions=True, think_scale=0.0)
+    result = await run_probe(cfg, load, SessionTraffic(two), ProbePlan(min_window_s=2.0, min_requests=20))
+    starts = np.array(sorted(r.start_ns for r in result.records if r.target_input_tokens == 10)) / 1e9
+    assert abs(len(starts) / (starts[-1] - starts[0]) - 20.0) < 6.0  # 40 req/s of 2-turn sessions
+    assert result.stats.request_rate_rps == pytest.approx(40.0, rel=0.3)
+
+
+async def test_a_probe_records_the_cache_hits_beside_the_history_share(mock_server):
+    mock = mock_server(MockConfig(latency=FAST, prefix_cache_block_tokens=BLOCK))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    two = (SessionTurn(20, 5, 0.0), SessionTurn(7, 4, 0.0))  # prompts 20 and 32: history 25 of 52 tokens
+    result = await measured_probe(cfg, sessions_load(2), SessionTraffic([two]), ProbePlan(min_window_s=1.0,
+                                  min_requests=10), meter=None)
+    hit = result.server_metrics["prefix_cache_window_hit_frac"]
+    assert history_share([two]) == pytest.approx(25 / 52)
+    assert hit == pytest.approx(24 / 52, abs=0.03)  # whole blocks of the 24 tokens computed before turn 2
+    # a prefill-only replay: the streamed token and stand-ins for the rest of the answer keep the
+    # lengths, and only what the server computed (the prompt) is a hit
+    mock2 = mock_server(MockConfig(latency=FAST, prefix_cache_block_tokens=BLOCK, timeline_prompts=True))
+    cfg2 = cfg.model_copy(update={"base_url": mock2.url})
+    await run_probe(cfg2, sessions_load(2, kind="prefill_cached"), SessionTraffic([two]),
+                    ProbePlan(min_window_s=0.5, min_requests=6))
+    seconds = [e for e in timeline(mock2.url).values() if e["isl"] == 32]
+    assert seconds and all(e["osl"] == 1 and e["cached"] == 20 for e in seconds)
+
+
+async def test_fresh_prefill_probe_of_a_session_sweep_sends_the_turns_as_independent_prompts(mock_server):
+    mock = mock_server(MockConfig(latency=FAST, prefix_cache_block_tokens=BLOCK, timeline_prompts=True))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    two = (SessionTurn(20, 5, 0.0), SessionTurn(7, 4, 0.0))
+    await run_probe(cfg, sessions_load(2, kind="prefill"), SessionTraffic([two]),
+                    ProbePlan(min_window_s=0.5, min_requests=6))
+    entries = list(timeline(mock.url).values())
+    assert {e["isl"] for e in entries} == {20, 32} and all(e["osl"] == 1 and e["cached"] == 0 for e in entries)
+
+
+async def test_session_replay_needs_token_id_prompts():
+    cfg = ClientConfig(base_url="http://127.0.0.1:9", model="m", prompt_format="text")
+    with pytest.raises(ValueError, match="session replay sends token ids"):
+        await run_probe(cfg, sessions_load(1), SessionTraffic([THREE]), ProbePlan(min_window_s=0.1, min_requests=1))
+    with pytest.raises(ValueError, match="needs the profile's sessions"):
+        await run_probe(cfg.model_copy(update={"prompt_format": "token_ids"}), sessions_load(1),
+                        iter([(10, 2)]), ProbePlan(min_window_s=0.1, min_requests=1))
+
+
+async def test_a_server_killed_during_a_session_replay_stops_the_probe_in_seconds_with_failures_counted(mock_server):
+    """The load generator's server watch and bounded failures hold for session units too: a
+    session ends at its first failed turn and its worker backs off before the next session."""
+    import asyncio
+    import time
+
+    mock = mock_server(MockConfig(latency=FAST, prefix_cache_block_tokens=BLOCK))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    plan = ProbePlan(min_window_s=60, min_requests=10**6, max_duration_s=60, max_kept_failures=20)
+
+    async def kill_after(delay_s: float) -> float:
+        await asyncio.sleep(delay_s)
+        mock.proc.kill()
+        return time.monotonic()
+
+    killer = asyncio.create_task(kill_after(1.0))
+    result = await run_probe(cfg, sessions_load(32), SessionTraffic([THREE]), plan)
+    detect_s = time.monotonic() - await killer
+    assert result.abort == "server_unreachable" and result.aborted.startswith(f"server {mock.url} unreachable: ")
+    assert plan.unreachable_after_s <= detect_s < plan.unreachable_after_s + 5, detect_s
+    assert len([r for r in result.records if r.error not in (None, "cancelled")]) <= plan.max_kept_failures
+    assert plan.max_kept_failures < result.stats.failed == sum(result.stats.errors_by_kind.values()) <= result.stats.issued
