@@ -224,10 +224,13 @@ class WindowStats(Frozen):
                     raise implausible(name, f"an interval of a rate cannot reach below 0 (got {end:g})")
         if self.lengths_mean is not None:
             isl, osl = self.lengths_mean
+            # An open loop's counted arrivals are not its flows' rate (a server falling behind
+            # serves less): its flows are checked against each other.
+            flow_rate = self.output_tok_s / osl if self.rate_source == "arrivals" and osl > 0 else self.request_rate_rps
             if osl > 0:
-                _check_lengths("output_tok_s", self.output_tok_s, self.request_rate_rps, osl)
+                _check_lengths("output_tok_s", self.output_tok_s, flow_rate, osl)
             if isl > 0:
-                _check_lengths("input_tok_s", self.input_tok_s, self.request_rate_rps, isl)
+                _check_lengths("input_tok_s", self.input_tok_s, flow_rate, isl)
         # An open loop's rates set to its offered rate are not the window's flow: ProbeRecord
         # checks them against the load instead.
         if self.rate_source != "offered":
@@ -426,7 +429,7 @@ class ProbeRecord(BaseModel):
 
     @model_validator(mode="after")
     def _offered_rate_is_the_loads(self) -> ProbeRecord:
-        """An open loop's rates set to its offered rate (measure.probe.offered_rate) are that rate."""
+        """An older open-loop record's rates set to its offered rate are that rate."""
         offered = self.load.request_rate_rps
         if self.stats.rate_source == "offered" and (
                 offered is None or abs(self.stats.request_rate_rps - offered) > FLOW_REL_TOL * offered):

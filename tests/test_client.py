@@ -11,6 +11,7 @@ import pytest
 
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.load.event_loop import paused_gc
+from pricing.load.loops import OPEN_WARMUP_UNITS
 from pricing.measure.probe import run_probe
 from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
@@ -101,6 +102,25 @@ async def test_open_loop_poisson_rate_and_in_flight_cap(mock_server):
     gaps = np.diff(starts)
     # Poisson arrivals: coefficient of variation of the gaps near 1 (a fixed ladder would give ~0)
     assert 0.7 < gaps.std() / gaps.mean() < 1.3
+
+
+async def test_an_open_loops_window_opens_once_its_first_arrivals_have_all_ended(mock_server):
+    """The third arrival asks for 150 tokens (1.5 s), every other for 5 (50 ms): the window opens
+    when the sixteenth first arrival has ended and the long one has too, not with the first
+    completion (50 ms in), when the server still holds far fewer requests than it will."""
+
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.01, tpot_base_s=0.01)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=5)
+    pairs = itertools.chain([(16, 5), (16, 5), (16, 150)], itertools.repeat((16, 5)))
+    result = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=40.0), pairs,
+                             ProbePlan(min_window_s=2, min_requests=20))
+    first = sorted(result.records, key=lambda r: r.start_ns)[:OPEN_WARMUP_UNITS]
+    assert max(r.completion_tokens or 0 for r in first) == 150
+    assert result.window_start_ns == max(r.end_ns for r in first)
+    in_window = [r for r in result.records if result.window_start_ns <= r.start_ns <= result.window_end_ns]
+    assert result.stats.rate_source == "arrivals"
+    window_s = (result.window_end_ns - result.window_start_ns) / 1e9
+    assert result.stats.request_rate_rps == pytest.approx(len(in_window) / window_s, rel=0.02)
 
 
 async def test_chat_endpoint_ttft_waits_for_content_and_api_key_is_sent_not_stored(mock_server):

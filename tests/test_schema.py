@@ -11,13 +11,15 @@ from fixtures.pricing_builders import PROBES_FILE
 from pydantic import ValidationError
 
 from pricing.errors import InputError, from_validation_error
-from pricing.measure.probe import offered_rate
+from pricing.measure.probe import open_loop_rate
+from pricing.measure.requests import table_from_records
 from pricing.measure.window import window_stats
 from pricing.results import read_result_file
 from pricing.schema import LatencyStats, LoadSpec, ProbeRecord, RequestRecord
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = sorted({*ROOT.glob("benchmark_results/**/*.jsonl"), *ROOT.glob("tests/fixtures/*.jsonl")})
+COMMITTED = sorted(p for p in {*ROOT.glob("benchmark_results/**/*.jsonl"), *ROOT.glob("tests/fixtures/*.jsonl")}
+                   if not p.name.endswith(".requests.jsonl"))  # per-request tables: read with their probes
 
 
 def _line(**changes) -> dict:
@@ -118,16 +120,21 @@ def _record(stats, load: LoadSpec) -> dict:
 
 
 def test_what_the_client_measures_passes_the_checks():
-    """Window statistics as measured (a flow, cut requests, failures) and an open loop's offered
-    rate written as the probe's, read back through the schema."""
+    """Window statistics as measured (a flow, cut requests, failures), an open loop's counted
+    arrivals and an older record's offered rate written as the probe's, read back through the schema."""
     records = [_stream(t * 0.1, 20) for t in range(200)]
     records += [_stream(3.05, 7, error="cancelled"), _stream(2.0, 0, error="disconnect")]
     stats = window_stats(records, int(1e9), int(15e9), lengths=(200.0, 20.0))
     closed = LoadSpec(mode="closed", concurrency=8)
     ProbeRecord.model_validate(_record(stats, closed))
     opened = LoadSpec(mode="open", request_rate_rps=stats.request_rate_rps * 0.99)
-    offered = offered_rate(stats.model_copy(update={"request_rate_rps_ci": (0.0, None)}), opened)
-    assert offered.rate_source == "offered"
+    arrivals = open_loop_rate(stats, opened, table_from_records(records, int(1e9), int(15e9)))
+    assert arrivals.rate_source == "arrivals" and arrivals.request_rate_rps != stats.request_rate_rps
+    ProbeRecord.model_validate(_record(arrivals, opened))
+    # Older records set an open loop's rates to its offered rate where the flow kept up.
+    offered = stats.model_copy(update={"request_rate_rps": opened.request_rate_rps, "rate_source": "offered",
+                                       "output_tok_s": opened.request_rate_rps * 20.0,
+                                       "input_tok_s": opened.request_rate_rps * 200.0})
     ProbeRecord.model_validate(_record(offered, opened))
     lying = _record(offered, opened.model_copy(update={"request_rate_rps": stats.request_rate_rps * 3}))
     with pytest.raises(ValidationError) as err:

@@ -48,15 +48,17 @@ KEPT_UP_SHARE = 0.9
 def fell_behind(rec: ProbeRecord, arrival_rps: float) -> bool:
     """An open-loop probe above what the server can serve (on an H200, 22.9 req/s sent against a
     16.7 req/s closed-loop saturation still met a 1 s TTFT p90 in a 28 s window). What the arrivals
-    ask for is their rate x mean OSL, less the ramp of a window that opens with the first
-    completion, while the server still fills: about E2E p90 / (2 x window), which matched the
-    flow of 8 of 9 stable H200 probes within 6%. Records whose flows were set to the offered rate
-    (rate_source "offered") cannot say."""
+    ask for is their rate x mean OSL. Older records (rate_source "flow") opened their window with
+    the first completion, while the server still filled: less that ramp, about E2E p90 / (2 x
+    window), which matched the flow of 8 of 9 stable H200 probes within 6%. Records whose flows
+    were set to the offered rate (rate_source "offered") cannot say."""
     stats = rec.stats
     if (rec.load.mode != "open" or stats.rate_source == "offered" or stats.lengths_mean is None
             or stats.output_tok_s_ci is None or stats.output_tok_s_ci[1] is None):
         return False
-    ramp = 1.0 - min(0.5, (stats.e2e_s.p90 or 0.0) / (2 * stats.window_s)) if stats.window_s > 0 else 1.0
+    ramp = 1.0
+    if stats.rate_source == "flow" and stats.window_s > 0:
+        ramp -= min(0.5, (stats.e2e_s.p90 or 0.0) / (2 * stats.window_s))
     return stats.output_tok_s_ci[1] < KEPT_UP_SHARE * ramp * arrival_rps * stats.lengths_mean[1]
 
 

@@ -15,9 +15,21 @@ from typing import Literal
 import aiohttp
 import numpy as np
 
-from pricing.load.client import ClientConfig, ProbePlan, Reply, sent_stamp_trace, stream_request
+from pricing.load.client import (
+    ClientConfig,
+    ProbePlan,
+    Reply,
+    sent_stamp_trace,
+    stream_request,
+)
 from pricing.load.read_stamps import reports_reads, stamped_connector
-from pricing.load.server_watch import ServerWatch, backoff_s, describe, error_kind, is_connection_error
+from pricing.load.server_watch import (
+    ServerWatch,
+    backoff_s,
+    describe,
+    error_kind,
+    is_connection_error,
+)
 from pricing.schema import CANCELLED, AbortKind, LoadSpec, RequestRecord
 from pricing.workload.prompts import PromptFactory, PromptSource
 
@@ -112,9 +124,18 @@ class _RunState:
         self.window_target_s = max(self.plan.min_window_s, self.plan.window_e2e_multiple * p90)
 
 
+# An open loop's window opens once its first arrivals have all ended (this many units): by then
+# the server holds about as many requests as it will (the longest of 16 is near the p94 of
+# E2E), so neither its flow nor its latencies still ramp up. Opened by the first completion, an
+# H200's windows held 2-23% fewer output tokens than their arrivals asked for.
+OPEN_WARMUP_UNITS = 16
+
+
 def _arrival_gaps_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[float]:
-    """Gamma inter-arrival times with mean 1/rate; shape 1 is Poisson, smaller is burstier."""
-    rng = np.random.default_rng(seed)
+    """Gamma inter-arrival times with mean 1/rate; shape 1 is Poisson, smaller is burstier. One
+    sequence per rate: one sequence in every probe of a sweep made them all err alike (an H200
+    sweep's arrivals fell 11% short of the named rate in all seven of its open-loop probes)."""
+    rng = np.random.default_rng((seed, round(rate_rps * 1e6)))
     scale = 1.0 / (rate_rps * burstiness)
     while True:
         yield from rng.gamma(burstiness, scale, size=1024)
@@ -393,21 +414,25 @@ async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, c
     slots = asyncio.Semaphore(load.concurrency) if load.concurrency else None
     in_flight: set[asyncio.Task] = set()
     rng = np.random.default_rng((seed, 1))
+    # Sessions: the first one (its turns already mix first and later ones, as a closed loop's do).
+    warmup_units = 1 if load.sessions else OPEN_WARMUP_UNITS
+    warming = [warmup_units]
 
     def warmed(rec: RequestRecord) -> None:
-        if state.window_start_ns is None and rec.ok:
-            state.open_window(rec.end_ns)
+        warming[0] -= 1
+        if warming[0] == 0 and state.window_start_ns is None:
+            state.open_window(rec.end_ns)  # the last of the first units to end
 
-    sink = Sink(state.add, warmed)
+    first_sink, later_sink = Sink(state.add, warmed), Sink(state.add, lambda rec: None)
 
-    async def one() -> None:
+    async def one(sink: Sink) -> None:
         if slots is not None:
             async with slots:
                 await unit(sink, 1.0, rng)
         else:
             await unit(sink, 1.0, rng)
 
-    next_ns = clock()
+    next_ns, arrived = clock(), 0
     try:
         for gap_s in _arrival_gaps_s(rate_rps, load.burstiness, seed):
             if state.stop.is_set():
@@ -415,7 +440,8 @@ async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, c
             delay_s = (next_ns - clock()) / 1e9
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
-            task = asyncio.create_task(one())
+            task = asyncio.create_task(one(first_sink if arrived < warmup_units else later_sink))
+            arrived += 1
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
             next_ns += int(gap_s * 1e9)
