@@ -4,10 +4,8 @@ drill runs in the default suite; the vLLM one (bench starts vLLM itself, twice) 
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ fault_drill = importlib.util.module_from_spec(spec)
 sys.modules["fault_drill"] = fault_drill  # its dataclasses look their module up
 spec.loader.exec_module(fault_drill)
 
-VLLM_LOCK = Path("/tmp/vllm.lock")  # shared with every other job that starts a real vLLM here
 MAX_DETECT_S = 10.0  # the bound
 MAX_RSS_MB = 1024.0  # bench holds ~150 MB; the unbounded client reached 1.95 GB within 60 s of the kill
 
@@ -37,16 +34,6 @@ def test_mock_killed_mid_probe(tmp_path):
     assert result.exit_code == 1 and result.detect_s is not None and result.detect_s <= MAX_DETECT_S
     assert " unreachable: " in result.error_line and "rerun the same command" in result.error_line
     assert result.kept_before_kill == 4 and len(result.rerun_lines) > len(result.lines_after) == 5
-
-
-@pytest.fixture
-def vllm_lock() -> Iterator[None]:
-    with open(VLLM_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.mark.vllm

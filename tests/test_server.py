@@ -3,7 +3,6 @@ process-group stop against a fake server script; two real vLLM CPU starts marked
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,6 @@ from pricing.serving.server import (
     sigterm_as_exit,
 )
 
-VLLM_LOCK = Path("/tmp/vllm.lock")  # shared with every other job that starts a real vLLM here
 
 FAKE_SERVER = textwrap.dedent(
     '''
@@ -302,18 +299,7 @@ def test_missing_model_folder_is_reported_before_launching(fake_launcher, tmp_pa
         VllmServer(spec, launcher=fake_launcher, log_path=tmp_path / "s.log").start()
 
 
-# --- real vLLM on CPU ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def vllm_lock() -> Iterator[None]:
-    """Only one real vLLM starts at a time on this machine (other jobs take the same lock)."""
-    with open(VLLM_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+# --- real vLLM on CPU (the vllm_lock fixture is conftest's) ------------------------------------
 
 
 def _tiny_spec(tmp_path: Path, *extra: str) -> ServerSpec:
