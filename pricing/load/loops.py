@@ -15,6 +15,7 @@ from typing import Literal
 import aiohttp
 import numpy as np
 
+from pricing.load.arrivals import arrival_gaps_s, think_time_s
 from pricing.load.client import (
     ClientConfig,
     ProbePlan,
@@ -129,16 +130,7 @@ class _RunState:
 # E2E), so neither its flow nor its latencies still ramp up. Opened by the first completion, an
 # H200's windows held 2-23% fewer output tokens than their arrivals asked for.
 OPEN_WARMUP_UNITS = 16
-
-
-def _arrival_gaps_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[float]:
-    """Gamma inter-arrival times with mean 1/rate; shape 1 is Poisson, smaller is burstier. One
-    sequence per rate: one sequence in every probe of a sweep made them all err alike (an H200
-    sweep's arrivals fell 11% short of the named rate in all seven of its open-loop probes)."""
-    rng = np.random.default_rng((seed, round(rate_rps * 1e6)))
-    scale = 1.0 / (rate_rps * burstiness)
-    while True:
-        yield from rng.gamma(burstiness, scale, size=1024)
+KEEPALIVE_S = 2.0  # below the idle timeout of the servers we load (uvicorn's 5 s)
 
 
 async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: StopRule | None,
@@ -284,7 +276,11 @@ async def run_units(
     state = _RunState(plan=plan, load=load, on_record=on_record, watch=watch)
     limit = load.concurrency or 0
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
-    connector = stamped_connector(clock, on_read=watch.read, limit=limit, limit_per_host=limit)
+    # Idle connections go before the server drops them (vLLM's uvicorn: 5 s; aiohttp keeps them
+    # 15 s): a request sent on one the server is closing fails as a disconnect, and at 1-2 req/s
+    # open loop on vLLM CPU 3 such errors failed Baseline's 1% error limit.
+    connector = stamped_connector(clock, on_read=watch.read, limit=limit, limit_per_host=limit,
+                                  keepalive_timeout=KEEPALIVE_S)
     watch.reads_reported = reports_reads(connector)
     # read_bufsize: a stream is read once, when it ends, so its buffer must hold a whole reply
     # (aiohttp stops reading a socket whose buffer passes twice this).
@@ -359,15 +355,6 @@ def _request_unit(link: Link, source: PromptSource, load: LoadSpec) -> Unit:
     return one
 
 
-# A think time is a fixed part plus an exponential one (mean think_s in all). The exponential part
-# breaks the lockstep a closed loop of equal requests falls into; the fixed part keeps it from
-# being near zero, where a client's own millisecond turnaround would decide which engine step a
-# request joins (the offline truth, sim_truth, draws think times the same way).
-THINK_FIXED_FRAC = 0.2
-
-
-def think_time_s(rng: np.random.Generator, mean_s: float) -> float:
-    return mean_s * (THINK_FIXED_FRAC + float(rng.exponential(1.0 - THINK_FIXED_FRAC)))
 
 
 def _start_closed_loop(state: _RunState, unit: Unit, seed: int) -> list[asyncio.Task]:
@@ -434,7 +421,7 @@ async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, c
 
     next_ns, arrived = clock(), 0
     try:
-        for gap_s in _arrival_gaps_s(rate_rps, load.burstiness, seed):
+        for gap_s in arrival_gaps_s(rate_rps, load.burstiness, seed):
             if state.stop.is_set():
                 break
             delay_s = (next_ns - clock()) / 1e9

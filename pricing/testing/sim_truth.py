@@ -33,7 +33,7 @@ from typing import Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, Field
 
-from pricing.load.loops import think_time_s
+from pricing.load.arrivals import think_time_s
 from pricing.schema import Frozen, LatencyStats
 from pricing.testing.sim_engine import ADMIT_S, EngineModel, EngineStep, SimEngine
 
