@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -125,11 +126,12 @@ class _RunState:
         self.window_target_s = max(self.plan.min_window_s, self.plan.window_e2e_multiple * p90)
 
 
-# An open loop's window opens once its first arrivals have all ended (this many units): by then
-# the server holds about as many requests as it will (the longest of 16 is near the p94 of
-# E2E), so neither its flow nor its latencies still ramp up. Opened by the first completion, an
-# H200's windows held 2-23% fewer output tokens than their arrivals asked for.
-OPEN_WARMUP_UNITS = 16
+# An open loop's window opens once its first arrivals have all ended (those of its first 2 s,
+# 4 to 16 units): by then the server holds about as many requests as it will (the longest of 16
+# is near the p94 of E2E), so neither its flow nor its latencies still ramp up. Opened by the
+# first completion, an H200's windows held 2-23% fewer output tokens than their arrivals asked
+# for. Fewer at low rates, where the server holds few requests and 16 arrivals take long.
+OPEN_WARMUP_UNITS, OPEN_WARMUP_S, OPEN_WARMUP_MIN = 16, 2.0, 4
 KEEPALIVE_S = 2.0  # below the idle timeout of the servers we load (uvicorn's 5 s)
 
 
@@ -402,7 +404,7 @@ async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, c
     in_flight: set[asyncio.Task] = set()
     rng = np.random.default_rng((seed, 1))
     # Sessions: the first one (its turns already mix first and later ones, as a closed loop's do).
-    warmup_units = 1 if load.sessions else OPEN_WARMUP_UNITS
+    warmup_units = 1 if load.sessions else min(OPEN_WARMUP_UNITS, max(OPEN_WARMUP_MIN, math.ceil(rate_rps * OPEN_WARMUP_S)))
     warming = [warmup_units]
 
     def warmed(rec: RequestRecord) -> None:
