@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 EXIT_INPUT_ERROR = 2
 EXIT_SERVER_FAILED = 1  # the server failed or could not be reached: not the user's input
-# The pydantic error type of schema's cross-field plausibility checks (schema.implausible); kept
+# The pydantic error type of schema's cross-field plausibility checks (plausibility.implausible); kept
 # here as a string so errors imports nothing of the schema.
 IMPLAUSIBLE = "implausible"
 

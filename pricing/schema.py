@@ -7,13 +7,20 @@ Units live in field names: `_ns` integer nanoseconds from `time.perf_counter_ns(
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
 
-from pricing.errors import IMPLAUSIBLE
+from pricing.plausibility import (
+    FLOW_REL_TOL,
+    MAX_REQ_S,
+    MAX_TOK_S,
+    ORDER_SLACK,
+    check_count,
+    check_finite,
+    check_lengths,
+    implausible,
+)
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: no intervals, no per-request records
@@ -86,61 +93,6 @@ class RequestRecord(BaseModel):
 
 STORED_PERCENTILES = (50, 90, 99)
 
-# ------------------------------------------------------------------------------------ plausibility
-# A record read from a file is checked for what no measurement can produce (a negative window, a
-# rate of 1e300/s, p90 above p99) before anything is priced from it. Each failure names its field
-# (errors.from_validation_error turns it into file:line and the dotted path).
-# No single server streams a billion tokens a second (an H200 serving an 8B model: ~1e4), nor
-# answers ten million requests a second.
-MAX_TOK_S = 1e9
-MAX_REQ_S = 1e7
-# Float noise between two percentiles of one sample (numpy's interpolation) is not disorder.
-ORDER_SLACK = 1e-9
-# Schema 2's output tokens are the flow's own numerator (tokens streamed in the window), and its
-# input tokens a part of the cohort's measured prompt tokens: only rounding separates them from
-# their rate x window_s. Its three rates are one flow over the mean lengths (lengths_mean).
-FLOW_REL_TOL = 0.01
-# Schema 1 counted the tokens of requests that started and ended in the window (47-100% of the
-# streamed flow in the committed H200 files), so there counts and rates need only agree within
-# this factor either way.
-LOOSE_FACTOR = 4.0
-
-
-def implausible(field: str, reason: str) -> PydanticCustomError:
-    """A plausibility failure of `field` (a path below the model that raises it)."""
-    return PydanticCustomError(IMPLAUSIBLE, "{field}: {reason}", {"field": field, "reason": reason})
-
-
-def _check_finite(field: str, value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
-        raise implausible(field, f"must be a finite number (got {value})")
-
-
-def _check_count(field: str, count: int, rate_s: float, window_s: float, rule: Literal["equal", "at_most", "loose"]
-                 ) -> None:
-    """`count` against `rate_s` x `window_s`: equal or at most it within FLOW_REL_TOL (and a token
-    of rounding), or within LOOSE_FACTOR either way."""
-    expected = rate_s * window_s
-    slack = FLOW_REL_TOL * expected + 1.0
-    if rule == "equal":
-        ok, bound = abs(count - expected) <= slack, f"within {FLOW_REL_TOL:.0%} of"
-    elif rule == "at_most":
-        ok, bound = count <= expected + slack, "at most"
-    else:
-        ok = expected / LOOSE_FACTOR - 1.0 <= count <= expected * LOOSE_FACTOR + 1.0
-        bound = f"within a factor of {LOOSE_FACTOR:g} of"
-    if not ok:
-        raise implausible(field, f"{count:g} is not {bound} the rate x window ({rate_s:.6g}/s x {window_s:.6g} s "
-                                 f"= {expected:.6g}); the record is inconsistent")
-
-
-def _check_lengths(field: str, tok_s: float, rate_rps: float, tokens_per_request: float) -> None:
-    expected = rate_rps * tokens_per_request
-    if abs(tok_s - expected) > FLOW_REL_TOL * expected + 1e-9:
-        raise implausible(field, f"{tok_s:.6g}/s is not the request rate x mean tokens per request "
-                                 f"({rate_rps:.6g} x {tokens_per_request:.6g} = {expected:.6g}); the record is inconsistent")
-
-
 class LatencyStats(Frozen):
     """Percentiles (numpy 'linear' method) of one latency, in seconds, with their 95% intervals
     (measure.intervals); None when no sample."""
@@ -169,7 +121,7 @@ class LatencyStats(Frozen):
         for p in STORED_PERCENTILES:
             ci = getattr(self, f"p{p}_ci")
             for end in ci or ():
-                _check_finite(f"p{p}_ci", end)
+                check_finite(f"p{p}_ci", end)
             if ci is not None and None not in ci and ci[0] > ci[1] * (1 + ORDER_SLACK):
                 raise implausible(f"p{p}_ci", f"its low end {ci[0]:g} is above its high end {ci[1]:g}")
         return self
@@ -219,7 +171,7 @@ class WindowStats(Frozen):
             raise implausible("failed", f"{self.failed} failed of {self.issued} issued: more than were issued")
         for name in ("request_rate_rps_ci", "input_tok_s_ci", "output_tok_s_ci"):
             for end in getattr(self, name) or ():
-                _check_finite(name, end)
+                check_finite(name, end)
                 if end is not None and end < 0:
                     raise implausible(name, f"an interval of a rate cannot reach below 0 (got {end:g})")
         if self.lengths_mean is not None:
@@ -228,18 +180,18 @@ class WindowStats(Frozen):
             # serves less): its flows are checked against each other.
             flow_rate = self.output_tok_s / osl if self.rate_source == "arrivals" and osl > 0 else self.request_rate_rps
             if osl > 0:
-                _check_lengths("output_tok_s", self.output_tok_s, flow_rate, osl)
+                check_lengths("output_tok_s", self.output_tok_s, flow_rate, osl)
             if isl > 0:
-                _check_lengths("input_tok_s", self.input_tok_s, flow_rate, isl)
+                check_lengths("input_tok_s", self.input_tok_s, flow_rate, isl)
         # An open loop's rates set to its offered rate are not the window's flow: ProbeRecord
         # checks them against the load instead.
         if self.rate_source != "offered":
             rule = "equal" if self.rate_source == "flow" else "loose"
-            _check_count("output_tokens", self.output_tokens, self.output_tok_s, self.window_s, rule)
+            check_count("output_tokens", self.output_tokens, self.output_tok_s, self.window_s, rule)
         if self.measured_input_tok_s is not None:
-            _check_count("input_tokens", self.input_tokens, self.measured_input_tok_s, self.window_s, "at_most")
+            check_count("input_tokens", self.input_tokens, self.measured_input_tok_s, self.window_s, "at_most")
         else:
-            _check_count("input_tokens", self.input_tokens, self.input_tok_s, self.window_s, "loose")
+            check_count("input_tokens", self.input_tokens, self.input_tok_s, self.window_s, "loose")
         return self
 
     @property
