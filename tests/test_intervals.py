@@ -108,8 +108,6 @@ def test_an_open_loop_rate_is_its_arrivals_in_the_window_not_the_rate_asked_for(
     (850.0, 5.0, False),  # an older record: its 5 s window with a 1 s E2E p90 still ramped up, 10%
 ])
 def test_an_open_loop_that_fell_behind_its_arrivals_is_a_sure_fail(flow_high, window_s, behind):
-
-
     rec = make_probe(rps=10.0, window_s=window_s, ttft=1.0)  # E2E p90 1 s
     source = "flow" if window_s < 10 else "arrivals"  # a window opened by the first completion, or after warm-up
     stats = rec.stats.model_copy(update={"output_tok_s_ci": (800.0, flow_high), "lengths_mean": (500.0, 100.0),
@@ -118,3 +116,23 @@ def test_an_open_loop_that_fell_behind_its_arrivals_is_a_sure_fail(flow_high, wi
     assert fell_behind(rec, 10.0) is behind
     offered = rec.model_copy(update={"stats": stats.model_copy(update={"rate_source": "offered"})})
     assert not fell_behind(offered, 10.0)  # its flows were overwritten with the offered rate's
+
+
+
+@pytest.mark.parametrize(("e2e_ms_of", "behind"), [
+    (lambda t: 2000, False),  # steady: 20 in the server at the opening and at the close
+    (lambda t: 2000 + 0.5 * max(t, 0), True),  # each request waits longer: 20 -> 120 in the server
+])
+def test_an_open_loop_fell_behind_when_the_requests_in_the_server_grew(e2e_ms_of, behind):
+    """With per-request records the backlog decides, not the flow: a window's own mean OSL of a
+    small heavy-tailed sample is no measure of what the arrivals asked for."""
+    records = [_rec(round(t), [round(t + e2e_ms_of(t) / 2), round(t + e2e_ms_of(t))], tokens=2)
+               for t in np.arange(-5000, 20_000, 100.0)]
+    table = table_from_records(records, 0, 20_000 * 1_000_000)
+    rec = make_probe(rps=10.0, window_s=20.0)
+    # A flow far below the arrivals' ask: the flow test alone would call it behind.
+    stats = rec.stats.model_copy(update={"output_tok_s_ci": (10.0, 20.0), "lengths_mean": (500.0, 100.0),
+                                         "rate_source": "arrivals"})
+    rec = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0), "stats": stats})
+    assert fell_behind(rec, 10.0, table) is behind
+    assert fell_behind(rec, 10.0)  # no records: the flow says it

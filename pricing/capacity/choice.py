@@ -5,11 +5,12 @@ tier, why. Pure functions over probe records.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 from pricing.capacity.curve import BIG, Capacity, Point, capacity_from_points
-from pricing.measure.requests import arrival_rate, cohort
+from pricing.measure.requests import RequestTable, arrival_rate, backlog, cohort
 from pricing.measure.slo import Figures, slo_verdicts, stored_figures
 from pricing.measure.window import latency_at
 from pricing.results import SourcedProbe, Warn
@@ -41,20 +42,33 @@ def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -
 
 # An open loop whose output flow's 95% interval stays below this share of what its arrivals ask
 # for fell behind: its queue grows, and a short window only hides what a longer one would show.
-# The slack covers the window arrivals' own mean OSL (5% at 300 requests).
+# The slack covers the window arrivals' own mean OSL (5% at 300 requests). Used only where the
+# per-request records are missing: at 4 req/s of WildChat on an H200 (75 arrivals) the window's
+# flow was 30% below the population's mean OSL x arrivals while the server kept up.
 KEPT_UP_SHARE = 0.9
+# With per-request records: the server fell behind when the requests in it grew, during the
+# window, by more than this share of the window's arrivals beyond noise (3 x the Poisson sd of
+# the two counts). On two H200 sweeps (16 open probes, 4-19 req/s, stable) the growth beyond
+# noise stayed under 6% of arrivals; the two probes at 25 req/s grew by 18% and 19%.
+BACKLOG_SHARE = 0.1
 
 
-def fell_behind(rec: ProbeRecord, arrival_rps: float) -> bool:
-    """An open-loop probe above what the server can serve (on an H200, 22.9 req/s sent against a
-    16.7 req/s closed-loop saturation still met a 1 s TTFT p90 in a 28 s window). What the arrivals
-    ask for is their rate x mean OSL. Older records (rate_source "flow") opened their window with
-    the first completion, while the server still filled: less that ramp, about E2E p90 / (2 x
-    window), which matched the flow of 8 of 9 stable H200 probes within 6%. Records whose flows
-    were set to the offered rate (rate_source "offered") cannot say."""
+def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None = None) -> bool:
+    """An open-loop probe above what the server can serve (on an H200, 24 req/s sent against a
+    19 req/s closed-loop saturation still met a 1 s TTFT p90 in a 28 s window: the requests in the
+    server grew from 5 to 367). Read from the backlog where the per-request records are at hand,
+    else from the output flow against what the arrivals ask for (rate x mean OSL). Older records
+    (rate_source "flow") opened their window with the first completion, while the server still
+    filled, so only the flow can say, less that ramp (about E2E p90 / (2 x window), which matched
+    8 of 9 stable H200 probes within 6%). Records whose flows were set to the offered rate
+    (rate_source "offered") cannot say."""
     stats = rec.stats
-    if (rec.load.mode != "open" or stats.rate_source == "offered" or stats.lengths_mean is None
-            or stats.output_tok_s_ci is None or stats.output_tok_s_ci[1] is None):
+    if rec.load.mode != "open" or stats.rate_source == "offered":
+        return False
+    if table is not None and stats.rate_source == "arrivals":
+        b = backlog(table)
+        return b.growth - 3 * math.sqrt(b.at_open + b.at_close + 1) > BACKLOG_SHARE * b.arrivals
+    if stats.lengths_mean is None or stats.output_tok_s_ci is None or stats.output_tok_s_ci[1] is None:
         return False
     ramp = 1.0
     if stats.rate_source == "flow" and stats.window_s > 0:
@@ -71,11 +85,12 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
     stats = rec.stats
     rate = stats.request_rate_rps
     rate_low, rate_high = stats.request_rate_rps_ci or (rate, rate)
-    if rec.load.mode == "open" and stats.rate_source in ("flow", "offered") and (table := probe.table(warn)) is not None:
+    table = probe.table(warn) if rec.load.mode == "open" else None
+    if table is not None and stats.rate_source in ("flow", "offered"):
         rate = rate_low = rate_high = arrival_rate(table)  # a record from before open loops counted arrivals
     rate_low = rate if rate_low is None else rate_low
     rate_high = rate if rate_high is None else rate_high
-    if rec.abort == "window_not_filled" or fell_behind(rec, rate):  # a sure fail of every tier
+    if rec.abort == "window_not_filled" or fell_behind(rec, rate, table):  # a sure fail of every tier
         return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)
     verdicts = slo_verdicts(stats, tier, tier_figures(probe, tier, warn))
     severity, low, high = 0.0, 0.0, 0.0

@@ -129,6 +129,28 @@ def arrival_rate(table: RequestTable) -> float:
     return float(((start >= 0) & (start <= table.window_us)).sum() / (table.window_us / 1e6)) if table.window_us > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """Requests in the server (sent, not ended) when the window opened and when it closed, and the
+    arrivals between: a server that keeps up holds about as many at the close as at the opening."""
+
+    at_open: int
+    at_close: int
+    arrivals: int
+
+    @property
+    def growth(self) -> int:
+        return self.at_close - self.at_open
+
+
+def backlog(table: RequestTable) -> Backlog:
+    start = np.asarray(table.start_us, dtype=np.int64)
+    end = np.asarray(table.end_us, dtype=np.int64)
+    w = table.window_us
+    return Backlog(at_open=int(((start <= 0) & (end > 0)).sum()), at_close=int(((start <= w) & (end > w)).sum()),
+                   arrivals=int(((start >= 0) & (start <= w)).sum()))
+
+
 # ------------------------------------------------------------------------------------ files
 def requests_path(results_file: Path) -> Path:
     """Where the per-request tables of a results file live: `<stem>.requests.jsonl` beside it."""
