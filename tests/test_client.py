@@ -146,9 +146,15 @@ async def test_prefill_probe_asks_for_one_token(mock_server):
     mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005)))
     cfg = ClientConfig(base_url=mock.url, model="mock-model")
     load = LoadSpec(mode="closed", concurrency=4, kind="prefill")
-    result = await run_probe(cfg, load, itertools.repeat((300, 50)), ProbePlan(min_window_s=0.5, min_requests=10))
+    # The population's mean ISL is said to be 1,000 while the window's prompts hold 300 tokens:
+    # a prefill probe's input flow is the prompt tokens counted, not its request rate x 1,000.
+    result = await run_probe(cfg, load, itertools.repeat((300, 50)), ProbePlan(min_window_s=0.5, min_requests=10),
+                             lengths=(1000.0, 50.0))
     assert all(r.completion_tokens == 1 for r in result.records if r.ok)
-    assert result.stats.input_tok_s == pytest.approx(300 * result.stats.request_rate_rps, rel=0.2)
+    stats = result.stats
+    assert stats.input_tok_s == pytest.approx(300 * stats.request_rate_rps, rel=0.2)
+    assert stats.input_tok_s == pytest.approx(stats.measured_input_tok_s, rel=1e-5)
+    assert stats.input_tok_s_ci[0] <= stats.input_tok_s <= stats.input_tok_s_ci[1]
 
 
 async def test_probes_on_one_server_never_repeat_a_prompt(mock_server):

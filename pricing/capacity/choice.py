@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pricing.capacity.curve import BIG, Capacity, Point, capacity_from_points
-from pricing.measure.requests import RequestTable, arrival_rate, backlog, cohort
+from pricing.measure.requests import RequestTable, arrival_rate, backlog, cohort, prompt_token_flow
 from pricing.measure.slo import Figures, slo_verdicts, stored_figures
 from pricing.measure.window import latency_at
 from pricing.results import SourcedProbe, Warn
@@ -165,3 +165,19 @@ def pick_prefill(probes: Sequence[SourcedProbe], closed_level: float | None,
     target = closed_level if closed_level is not None else max(p.record.load.level for p in prefill)
     return min(prefill, key=lambda p: (p.record.load.mode != "closed", abs(p.record.load.level - target),
                                        -p.record.load.level))
+
+
+def prefill_rate(probe: SourcedProbe, warn: Warn | None = None) -> tuple[float, tuple[float, float]]:
+    """A prefill probe's prompt tokens per second and its 95% interval, counted from its
+    per-request records (measure.requests.prompt_token_flow). Records priced without them give
+    their counted rate with the stored interval scaled to it, else the stored input flow (until
+    2026-11-30 a prefill probe's input flow was its request rate x the population's mean ISL,
+    which follows the window's own ISLs)."""
+    stats = probe.record.stats
+    table = probe.table(warn)
+    if table is not None and table.window_us > 0:
+        return prompt_token_flow(table)
+    low, high = stats.input_tok_s_ci or (stats.input_tok_s, stats.input_tok_s)
+    rate = stats.measured_input_tok_s or stats.input_tok_s
+    scale = rate / stats.input_tok_s if stats.input_tok_s > 0 else 1.0
+    return rate, ((low or rate) * scale, (high or rate) * scale)

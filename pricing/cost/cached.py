@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pricing.capacity.choice import pick_prefill
+from pricing.capacity.choice import pick_prefill, prefill_rate
 from pricing.cost.split import ASSUMED_CACHED_FRACTION, cached_fraction
 from pricing.measure.server_metrics import cache_hit_share
 from pricing.results import SourcedProbe
@@ -43,12 +43,9 @@ def cached_share(probes: Sequence[SourcedProbe], prefill: SourcedProbe | None, c
         assumed = ASSUMED_CACHED_FRACTION
         return CachedShare(assumed, assumed, assumed, "assumed",
                            warning=f"cached-input price assumed at {assumed:.0%} of the input price: {why}")
-    fresh, cached = prefill.record.stats, replay.record.stats
-    fraction = cached_fraction(fresh.input_tok_s, cached.input_tok_s, hit)
+    (fresh, (fresh_low, fresh_high)), (cached, (cached_low, cached_high)) = prefill_rate(prefill), prefill_rate(replay)
+    fraction = cached_fraction(fresh, cached, hit)
     assert fraction is not None  # rates > 0 (pick_prefill) and hit > 0
-    # Without an interval (records from before them) the rate stands for its own ends, as for the split's.
-    fresh_low, fresh_high = fresh.input_tok_s_ci or (fresh.input_tok_s, fresh.input_tok_s)
-    cached_low, cached_high = cached.input_tok_s_ci or (cached.input_tok_s, cached.input_tok_s)
     # f grows with the fresh rate and falls with the cached one
     low = cached_fraction(fresh_low, cached_high, hit) if fresh_low and cached_high else None
     high = cached_fraction(fresh_high, cached_low, hit) if fresh_high and cached_low else None

@@ -18,6 +18,7 @@ from pricing.capacity.choice import (
     group_by_config,
     nearest_probe,
     pick_prefill,
+    prefill_rate,
     tier_capacity,
 )
 from pricing.capacity.curve import Capacity
@@ -326,13 +327,12 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     energy = near.record.energy
     power_w = energy.energy_j / stats.window_s if energy is not None and stats.window_s > 0 else None
     usd_per_kwh = catalog.regions[region].usd_per_kwh
-    prefill_tok_s = prefill.record.stats.input_tok_s if prefill is not None else None
+    prefill_tok_s, prefill_ci = prefill_rate(prefill, warn) if prefill is not None else (None, (None, None))
     share = cached_share(probes, prefill, closed.level if closed.kind != "none" else None)
     hit, hit_warning = served_share(near)
     op = _Operating(cap.rate_rps, isl, osl, prefill_tok_s, power_w, cfg.gpu_count, hit * isl, share.fraction)
     at = _price_at_rate(rate, op, usd_per_kwh, params)
     variants = {t: per_mtok(_price_at_rate(r, op, usd_per_kwh, params).chosen) for t, r in rates.items()}
-    prefill_ci = (prefill.record.stats.input_tok_s_ci or (prefill_tok_s, prefill_tok_s)) if prefill else (None, None)
     bounds = _price_bounds(rate, op, cap, prefill_ci, share, usd_per_kwh, params) if cap.kind == "found" else {}
     pairs = near.record.profile.sample_pairs or [(isl, osl)]
     p_in, p_out, p_cached = at.chosen.input_usd_per_tok, at.chosen.output_usd_per_tok, at.chosen.cached_input_usd_per_tok

@@ -23,6 +23,7 @@ from pricing.measure.requests import (
     RequestTable,
     arrival_rate,
     cohort,
+    prompt_token_flow,
     table_from_records,
 )
 from pricing.measure.slo import outcome
@@ -115,6 +116,20 @@ def open_loop_rate(stats: WindowStats, load: LoadSpec, table: RequestTable | Non
                                     "rate_source": "arrivals"})
 
 
+def prefill_flow(stats: WindowStats, load: LoadSpec, table: RequestTable | None) -> WindowStats:
+    """A prefill-only probe's input flow is the prompt tokens its server prefilled in the window,
+    counted. Its request rate times the population's mean ISL is not: a prefill-bound server's
+    request rate follows the window's own ISLs (six H200 prefill probes of two sweeps gave 66-73k
+    tok/s that way, and 69.3-70.7k counted)."""
+    if not load.prefill_only or table is None or table.window_us <= 0:
+        return stats
+    rate, ci = prompt_token_flow(table)
+    update: dict = {"input_tok_s": rate, "input_tok_s_ci": ci}
+    if stats.lengths_mean is not None and stats.request_rate_rps > 0:  # the window's own ISL, as counted
+        update["lengths_mean"] = (rate / stats.request_rate_rps, stats.lengths_mean[1])
+    return stats.model_copy(update=update)
+
+
 def with_dropped_failures(stats: WindowStats, dropped: dict[str, int]) -> WindowStats:
     """The window's error counts with the failed requests the client counted but did not keep
     (ProbePlan.max_kept_failures): they were issued in the window and failed."""
@@ -135,7 +150,7 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
     stats = with_dropped_failures(window_stats(run.records, run.window_start_ns, run.window_end_ns, lengths, table),
                                   run.dropped_failures)
     if load is not None:
-        stats = open_loop_rate(stats, load, table)
+        stats = prefill_flow(open_loop_rate(stats, load, table), load, table)
     warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
     if run.undecided_at_cap:
         warnings.append("the window ran its longest (ProbePlan.max_extension times its length, or --max-probe-s) "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from pricing.measure.intervals import rate_interval
 from pricing.schema import CANCELLED, RequestRecord, Strict
 
 NONE = -1  # a missing clock, token count or error in a column
@@ -127,6 +128,18 @@ def arrival_rate(table: RequestTable) -> float:
     sequence repeated in every probe was 11% short in all of them on an H200."""
     start = np.asarray(table.start_us, dtype=np.int64)
     return float(((start >= 0) & (start <= table.window_us)).sum() / (table.window_us / 1e6)) if table.window_us > 0 else 0.0
+
+
+def prompt_token_flow(table: RequestTable) -> tuple[float, tuple[float, float]]:
+    """Prompt tokens per second of the requests whose first token came in the window (the
+    cohort's), with a batch-means interval over their first-token times: what a prefill-only
+    probe's server prefilled, counted rather than derived from its request rate."""
+    first = np.asarray(table.first_us, dtype=np.int64)
+    error = np.asarray(table.error, dtype=np.int64)
+    cancelled = table.error_kinds.index(CANCELLED) if CANCELLED in table.error_kinds else -2
+    members = ((error == NONE) | (error == cancelled)) & (first >= 0) & (first <= table.window_us)
+    return rate_interval(first[members] * US, np.asarray(table.in_tokens, dtype=np.float64)[members],
+                         0, table.window_us * US)
 
 
 @dataclass(frozen=True)
