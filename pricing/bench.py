@@ -181,6 +181,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         # While the `with` still holds a server bench started: whether it exited, and its log.
         failure = _server_failure(outcome, server, out) if outcome.stop == "server_failed" else None
     _print_outcome(console, outcome, tiers, out)
+    if outcome.stop == "too_few_requests":
+        print(f"error: {outcome.stopped}", file=sys.stderr, flush=True)
+        return EXIT_INPUT_ERROR
     if failure is None:
         return 0
     line, log_tail = failure
@@ -237,7 +240,7 @@ def _print_outcome(console: Console, outcome: SweepOutcome, tiers, out: Path) ->
     for warning in outcome.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     new = outcome.probes_run + outcome.open_probes_run
-    stopped = f"; stopped: {outcome.stopped}" if outcome.stopped and outcome.stop != "server_failed" else ""
+    stopped = f"; stopped: {outcome.stopped}" if outcome.stopped and outcome.stop == "budget" else ""
     console.print(f"{new} new probe(s) appended to {out}{stopped}")
 
 

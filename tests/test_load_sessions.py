@@ -148,3 +148,37 @@ async def test_a_server_killed_during_a_session_replay_stops_the_probe_in_second
     assert plan.unreachable_after_s <= detect_s < plan.unreachable_after_s + 5, detect_s
     assert len([r for r in result.records if r.error not in (None, "cancelled")]) <= plan.max_kept_failures
     assert plan.max_kept_failures < result.stats.failed == sum(result.stats.errors_by_kind.values()) <= result.stats.issued
+
+
+async def test_a_session_sweep_whose_think_times_leave_too_few_requests_stops_with_what_to_do(mock_server, tmp_path):
+    """Two turns 3 s apart: at concurrency 2 no window of 15 requests fills in 2 s. That says
+    nothing about the server (it answered in milliseconds): the sweep stops rather than read a
+    fail and search lower, and the pricer reads nothing from the probe."""
+    from pricing.capacity.choice import tier_point
+    from pricing.capacity.search import SearchParams
+    from pricing.capacity.sweep import SweepSpec, run_sweep
+    from pricing.results import SourcedProbe, read_records
+    from pricing.schema import DeploymentConfig, ProfileSummary, SloTier
+
+    mock = mock_server(MockConfig(latency=FAST))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    traffic = SessionTraffic([(SessionTurn(10, 3, 0.0), SessionTurn(5, 3, 3.0))])
+    tier = SloTier(name="Mock", ttft_s=0.5, tpot_s=0.05)
+    plan = ProbePlan(min_window_s=0.5, min_requests=15, max_duration_s=2.0)
+    profile = ProfileSummary(name="two-turns", kind="fixed", isl_mean=10, osl_mean=3, isl_p50=10, isl_p90=10,
+                             isl_p99=10, osl_p50=3, osl_p90=3, osl_p99=3)
+    sweep = SweepSpec(config=DeploymentConfig(model="mock-model", gpu_name="cpu"), profile=profile, tiers=[tier],
+                      search=SearchParams(max_level=64, start=2), plan=plan, sessions=True, think_scale=1.0)
+    seen = []
+
+    async def probe(load, index):
+        seen.append(load.level)
+        return await run_probe(cfg, load, traffic, plan, tiers=[tier])
+
+    out = tmp_path / "sessions.jsonl"
+    outcome = await run_sweep(sweep, probe, out)
+    assert outcome.stop == "too_few_requests" and "--think-scale" in outcome.stopped, outcome.stopped
+    assert seen == [2], "one probe, not a search downwards"
+    (record,) = read_records(out)
+    assert record.abort == "window_not_filled" and record.load.replays_sessions
+    assert tier_point(SourcedProbe(record), tier) is None

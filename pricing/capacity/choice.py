@@ -80,8 +80,8 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
     """What one decode probe says about a tier (None: it says nothing, the server failed, went
     away or hung during it)."""
     rec: ProbeRecord = probe.record
-    if rec.abort in SERVER_ABORTS:
-        return None
+    if rec.abort in SERVER_ABORTS or (rec.abort == "window_not_filled" and rec.load.replays_sessions):
+        return None  # a session replay that did not fill its window: too few requests (sweep.sessions_stop)
     stats = rec.stats
     rate = stats.request_rate_rps
     rate_low, rate_high = stats.request_rate_rps_ci or (rate, rate)

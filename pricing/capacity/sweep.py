@@ -86,7 +86,7 @@ class _Silent:
 
 # budget: a step's probe budget was spent (rerun to continue); server_failed: the server failed,
 # went away or hung during a probe (or a probe completed no request).
-StopKind = Literal["budget", "server_failed"]
+StopKind = Literal["budget", "server_failed", "too_few_requests"]
 
 
 class SweepOutcome(BaseModel):
@@ -211,6 +211,19 @@ class _Run:
         return "server_failed", (f"probe #{self.failed.probe_index} ({load.mode} {load.kind}, load {load.level:g}): "
                                  f"{server_failure(self.failed)}")
 
+    def sessions_stop(self, record: ProbeRecord) -> tuple[StopKind, str] | None:
+        """A session replay whose window did not fill: its sessions' think times left too few
+        requests, which says nothing about the server (an H200 at 8 sessions with a tenth of
+        WildChat's think times sent 0.4 req/s, and no window filled in 60 s). Independent
+        requests that cannot fill a window are slow: a sure fail, not this stop."""
+        if not (record.load.replays_sessions and record.abort == "window_not_filled"):
+            return None
+        return "too_few_requests", (
+            f"probe #{record.probe_index} ({record.load.mode} load {record.load.level:g}, sessions): "
+            f"{record.stats.completed} requests in its window, too few in --max-probe-s: the sessions' think times "
+            f"(x --think-scale {record.load.think_scale:g}) leave the server idle; use a smaller --think-scale, "
+            "a higher --start or a longer --max-probe-s")
+
     async def search(self, mode: Mode, params: SearchParams, budget: int,
                      first: dict[str, float] | None = None) -> tuple[int, StopKind | None, str | None]:
         """Probe where the search asks until every tier is resolved or `budget` probes ran.
@@ -230,9 +243,9 @@ class _Run:
                 return run, None, None
             if run >= budget:
                 return run, "budget", f"{mode}-loop probe budget of {budget} spent; rerun to continue"
-            await self.measure(mode, level, "decode")
+            record = await self.measure(mode, level, "decode")
             run += 1
-            if (stop := self.server_stop()) is not None:
+            if (stop := self.server_stop() or self.sessions_stop(record)) is not None:
                 return run, *stop
 
 
@@ -244,7 +257,7 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
         first_step = spec.search.model_copy(update={"tolerance": max(spec.search.tolerance, spec.neighbourhood)})
     run, stop, stopped = await state.search(spec.mode, first_step, spec.max_probes)
     open_run = 0
-    if spec.mode == "closed" and stop != "server_failed":
+    if spec.mode == "closed" and stop not in ("server_failed", "too_few_requests"):
         closed = capacities(state.records, spec.tiers, "closed")
         # Prefill probes at the capacities known so far, also when the budget ran out: without
         # them the pricer can only fall back to a fixed ratio.
