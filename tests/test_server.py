@@ -329,7 +329,48 @@ def test_real_vllm_serves_the_tiny_shape_and_stops_cleanly(vllm_lock: None, tmp_
             "model": "tiny", "messages": [{"role": "user", "content": " ab cd"}], "max_tokens": 4})
         assert chat["usage"]["prompt_tokens"] == 3  # the shape's chat template: BOS + the content
         _text_prompts_through_detokenize(server.base_url)
+        _live_metrics_scrape(server.base_url)
     assert not group_alive(pgid)
+
+
+def _live_metrics_scrape(url: str) -> None:
+    """The probe's /metrics scrape against vLLM: three streams of 16 tokens, alone on the server
+    between the scrapes, are what the deltas hold."""
+    import asyncio
+
+    import aiohttp
+
+    from pricing.measure.gpu_energy import open_gpu_meter
+    from pricing.measure.telemetry import ProbeTelemetry
+
+    async def stream(session: aiohttp.ClientSession) -> int:
+        body = {"model": "tiny", "prompt": " ab cd ef gh ij kl mn op", "max_tokens": 16, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        usage = None
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            async for line in resp.content:
+                if line.startswith(b"data: {") and (chunk := json.loads(line[len(b"data: "):])).get("usage"):
+                    usage = chunk["usage"]
+        return usage["completion_tokens"]
+
+    async def scrape():
+        async with aiohttp.ClientSession() as session:
+            telemetry = ProbeTelemetry(session, url, meter=open_gpu_meter(), poll_interval_s=0.5)
+            await telemetry.start()
+            tokens = await asyncio.gather(*(stream(session) for _ in range(3)))
+            return tokens, await telemetry.stop()
+
+    tokens, result = asyncio.run(scrape())
+    assert tokens == [16, 16, 16]
+    assert result.energy is None  # no GPU here: not measured, never 0
+    m = result.server_metrics
+    assert m is not None
+    assert m["server_ttft_count"] == 3 and m["generation_tokens"] == 48 and m["requests_finished"] == 3
+    assert 0 < m["server_itl_count"] <= 3 * 15
+    assert 0 < m["server_ttft_mean_s"] < 60 and m["server_ttft_p90_s"] > 0
+    assert m["prompt_tokens"] >= 3 * 8
+    assert m["kv_cache_usage_max_frac"] >= 0 and m["requests_running_max"] >= 0 and m["scrapes"] >= 2
 
 
 def _text_prompts_through_detokenize(url: str) -> None:

@@ -4,15 +4,9 @@ one live scrape of a real vLLM CPU server (marked `vllm`)."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -457,102 +451,3 @@ async def test_probe_telemetry_joins_energy_and_metrics(serve_metrics) -> None:
     assert result.server_metrics is not None
     assert result.server_metrics["generation_tokens"] == 144 and "gpu_util_mean_pct" in result.server_metrics
     assert len(result.gpu_samples) >= 4
-
-
-# ---------------------------------------------------------------- live vLLM (CPU)
-
-
-def _write_tiny_llama(out: Path) -> None:
-    """A 2-layer Llama (hidden 128) with a WordLevel tokenizer over t0..t4093 + <s> </s>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "</s>": 1, **{f"t{i}": i + 2 for i in range(4094)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="t0").save_pretrained(out)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
-        "num_hidden_layers": 2, "vocab_size": 4096, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16", "hidden_act": "silu",
-        "tie_word_embeddings": False, "rope_theta": 10000.0,
-    }
-    (out / "config.json").write_text(json.dumps(config))
-
-
-@pytest.fixture(scope="module")
-def live_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """VLLM_BASE_URL if set, else a tiny vLLM CPU server started under /tmp/vllm.lock."""
-    if os.environ.get("VLLM_BASE_URL"):
-        yield os.environ["VLLM_BASE_URL"]
-        return
-    import socket
-    import urllib.request
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    _write_tiny_llama(folder)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--load-format",
-           "dummy", "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "512", "--served-model-name", "tiny"]
-    with open("/tmp/vllm.lock", "w") as lock, open(folder / "server.log", "wb") as log_file:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        try:
-            deadline = time.monotonic() + 420
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"vLLM exited with {proc.returncode}; see {folder / 'server.log'}")
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vLLM not healthy after 420 s; see {folder / 'server.log'}")
-                time.sleep(1)
-            yield url
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-async def _stream_completion(session: aiohttp.ClientSession, url: str, max_tokens: int) -> int:
-    """Stream one completion; returns the words received (one per token with this tokenizer)."""
-    body = {"model": "tiny", "prompt": "t1 t2 t3 t4 t5 t6 t7 t8", "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True}
-    events: list[bytes] = []
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        assert resp.status == 200
-        async for line in resp.content:
-            if line.startswith(b"data: {"):
-                events.append(line[len(b"data: "):])
-    # vLLM may put several tokens in one event under load, so count words, not events.
-    return sum(len(choice["text"].split()) for e in events for choice in json.loads(e)["choices"])
-
-
-@pytest.mark.vllm
-async def test_live_vllm_scrape(live_vllm: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        telemetry = ProbeTelemetry(session, live_vllm, meter=open_gpu_meter(), poll_interval_s=0.5)
-        await telemetry.start()
-        chunks = await asyncio.gather(*(_stream_completion(session, live_vllm, 16) for _ in range(3)))
-        result = await telemetry.stop()
-    assert chunks == [16, 16, 16]
-    assert result.energy is None  # no GPU here: not measured, never 0
-    m = result.server_metrics
-    assert m is not None
-    assert m["server_ttft_count"] == 3 and m["generation_tokens"] == 48 and m["requests_finished"] == 3
-    assert 0 < m["server_itl_count"] <= 3 * 15
-    assert 0 < m["server_ttft_mean_s"] < 60 and m["server_ttft_p90_s"] > 0
-    assert m["prompt_tokens"] >= 3 * 8
-    assert m["kv_cache_usage_max_frac"] >= 0 and m["requests_running_max"] >= 0 and m["scrapes"] >= 2
