@@ -7,12 +7,13 @@ import urllib.request
 
 import pytest
 
+from pricing.capacity.choice import tier_capacity
 from pricing.capacity.search import SearchParams
 from pricing.capacity.sweep import SweepSpec, capacities, run_sweep
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.measure.probe import run_probe
 from pricing.measure.requests import requests_path
-from pricing.results import read_records, read_requests
+from pricing.results import SourcedProbe, read_records, read_requests
 from pricing.schema import DeploymentConfig, ProfileSummary, SloTier
 from pricing.testing.mock_server import LatencyModel, MockConfig
 
@@ -65,6 +66,11 @@ async def test_sweep_finds_the_mocks_known_capacity_then_the_open_loop_one(mock_
     # Every probe's per-request records sit beside the results, one line each, written first.
     tables = read_requests(requests_path(out))
     assert all(r.requests_file == requests_path(out).name and (r.run_id, r.probe_index) in tables for r in records)
+    # One capacity definition: the sweep's summary is what the pricer reads from the same files,
+    # per-request records included.
+    probes = [SourcedProbe(r, file=str(out)) for r in records]
+    assert tier_capacity(probes, TIER, "closed") == outcome.closed["Mock"]
+    assert tier_capacity(probes, TIER, "open") == outcome.open["Mock"]
 
 
 async def test_a_crashed_sweep_resumes_without_repeating_probes(mock_server, tmp_path):

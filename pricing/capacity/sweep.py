@@ -148,14 +148,21 @@ def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult,
     )
 
 
-def points_by_tier(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mode: Mode) -> dict[str, list[Point]]:
-    decode = [SourcedProbe(r) for r in records if r.load.kind == "decode" and r.load.mode == mode]
+def points_by_tier(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mode: Mode,
+                   results_file: Path | None = None) -> dict[str, list[Point]]:
+    """What each decode probe says about each tier. `results_file`: where the records were
+    written, so each probe's per-request records beside it are read as the pricer reads them
+    (an open loop's backlog decides whether it fell behind): one capacity for the sweep's
+    search, its summary and the price."""
+    where = str(results_file) if results_file is not None else "<memory>"
+    decode = [SourcedProbe(r, file=where) for r in records if r.load.kind == "decode" and r.load.mode == mode]
     return {t.name: [pt for p in decode if (pt := tier_point(p, t)) is not None] for t in tiers}
 
 
-def capacities(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mode: Mode) -> dict[str, Capacity]:
+def capacities(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mode: Mode,
+               results_file: Path | None = None) -> dict[str, Capacity]:
     return {name: capacity_from_points(pts, integer=mode == "closed")
-            for name, pts in points_by_tier(records, tiers, mode).items()}
+            for name, pts in points_by_tier(records, tiers, mode, results_file).items()}
 
 
 def _open_params(spec: SweepSpec, closed_rates: Sequence[float], records: Sequence[ProbeRecord]) -> SearchParams:
@@ -232,7 +239,7 @@ class _Run:
         whole budget."""
         run, turn = 0, 0
         while True:
-            points = points_by_tier(self.records, self.spec.tiers, mode)
+            points = points_by_tier(self.records, self.spec.tiers, mode, self.out_path)
             tried = self.levels(mode)
             wanted = [lvl for lvl in (first or {}).values() if lvl not in tried]
             if wanted:
@@ -258,7 +265,7 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
     run, stop, stopped = await state.search(spec.mode, first_step, spec.max_probes)
     open_run = 0
     if spec.mode == "closed" and stop not in ("server_failed", "too_few_requests"):
-        closed = capacities(state.records, spec.tiers, "closed")
+        closed = capacities(state.records, spec.tiers, "closed", out_path)
         # Prefill probes at the capacities known so far, also when the budget ran out: without
         # them the pricer can only fall back to a fixed ratio.
         if spec.prefill_probes:
@@ -277,22 +284,23 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
             open_run, open_stop, open_stopped = await state.search("open", params, spec.max_open_probes, first=rates)
             if open_stop is not None and (stop is None or open_stop == "server_failed"):
                 stop, stopped = open_stop, open_stopped
-            warnings += _confirmation_warnings(state.records, spec.tiers, rates)
-    return SweepOutcome(closed=capacities(state.records, spec.tiers, "closed"),
-                        open=capacities(state.records, spec.tiers, "open"), records=state.records,
+            warnings += _confirmation_warnings(state.records, spec.tiers, rates, out_path)
+    return SweepOutcome(closed=capacities(state.records, spec.tiers, "closed", out_path),
+                        open=capacities(state.records, spec.tiers, "open", out_path), records=state.records,
                         probes_run=run, open_probes_run=open_run, stop=stop, stopped=stopped, warnings=warnings,
                         failed_probe=state.failed)
 
 
-def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], rates: dict[str, float]
-                           ) -> list[str]:
+def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], rates: dict[str, float],
+                           results_file: Path | None = None) -> list[str]:
     """Poisson arrivals at a tier's closed-loop capacity rate that surely violate the tier."""
     out = []
     for tier in tiers:
         rate = rates.get(tier.name)
         at = [r for r in records if r.load.mode == "open" and r.load.kind == "decode" and rate is not None
               and abs(r.load.level - rate) <= 1e-9 * max(rate, 1)]
-        points = [pt for r in at if (pt := tier_point(SourcedProbe(r), tier)) is not None]
+        where = str(results_file) if results_file is not None else "<memory>"
+        points = [pt for r in at if (pt := tier_point(SourcedProbe(r, file=where), tier)) is not None]
         if points and all(pt.severity_low > 1 for pt in points):
             out.append(f"{tier.name}: Poisson arrivals at its closed-loop capacity ({rate:.3g} req/s) violate the "
                        "tier; the open-loop capacity is lower and prices it")
