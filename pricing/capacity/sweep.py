@@ -154,9 +154,13 @@ def points_by_tier(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mod
     written, so each probe's per-request records beside it are read as the pricer reads them
     (an open loop's backlog decides whether it fell behind): one capacity for the sweep's
     search, its summary and the price."""
-    where = str(results_file) if results_file is not None else "<memory>"
-    decode = [SourcedProbe(r, file=where) for r in records if r.load.kind == "decode" and r.load.mode == mode]
+    decode = _sourced([r for r in records if r.load.kind == "decode" and r.load.mode == mode], results_file)
     return {t.name: [pt for p in decode if (pt := tier_point(p, t)) is not None] for t in tiers}
+
+
+def _sourced(records: Sequence[ProbeRecord], results_file: Path | None) -> list[SourcedProbe]:
+    where = str(results_file) if results_file is not None else "<memory>"
+    return [SourcedProbe(r, file=where) for r in records]
 
 
 def capacities(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], mode: Mode,
@@ -299,8 +303,7 @@ def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTi
         rate = rates.get(tier.name)
         at = [r for r in records if r.load.mode == "open" and r.load.kind == "decode" and rate is not None
               and abs(r.load.level - rate) <= 1e-9 * max(rate, 1)]
-        where = str(results_file) if results_file is not None else "<memory>"
-        points = [pt for r in at if (pt := tier_point(SourcedProbe(r, file=where), tier)) is not None]
+        points = [pt for p in _sourced(at, results_file) if (pt := tier_point(p, tier)) is not None]
         if points and all(pt.severity_low > 1 for pt in points):
             out.append(f"{tier.name}: Poisson arrivals at its closed-loop capacity ({rate:.3g} req/s) violate the "
                        "tier; the open-loop capacity is lower and prices it")
