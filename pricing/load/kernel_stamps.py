@@ -37,10 +37,11 @@ def _ask_for_stamps(sock: socket.socket) -> None:
 class StampedSocket(socket.socket):
     """A socket whose every `recv` notes how long the data waited in the kernel."""
 
-    __slots__ = ("lag_ns",)
+    __slots__ = ("lag_ns", "stamp_ns")
 
     def enable(self) -> StampedSocket:
         self.lag_ns: int | None = None
+        self.stamp_ns: int | None = None  # the kernel's raw stamp of the last read, for diagnosis
         _ask_for_stamps(self)
         return self
 
@@ -48,14 +49,24 @@ class StampedSocket(socket.socket):
         if not SUPPORTED:
             return super().recv(bufsize, flags)
         data, ancdata, _, _ = self.recvmsg(bufsize, _ANC_SPACE, flags)
-        now = time.time_ns()  # the kernel stamps in wall-clock time
-        self.lag_ns = None
+        now, now_mono = time.time_ns(), time.monotonic_ns()
+        self.lag_ns = self.stamp_ns = None
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
                 sec, nsec = _TIMESPEC.unpack_from(payload)
-                lag = now - (sec * 10**9 + nsec)
-                self.lag_ns = lag if 0 <= lag <= _MAX_LAG_NS else None
+                self.stamp_ns = sec * 10**9 + nsec
+                self.lag_ns = _lag(self.stamp_ns, now, now_mono)
         return data
+
+
+def _lag(stamp_ns: int, now_ns: int, now_mono_ns: int) -> int | None:
+    """The stamp's age. The stamp is wall-clock time, except where a kernel passes a loopback
+    segment's monotonic departure time through (TCP's pacing stamp); a stamp that fits neither
+    clock (a stepped wall clock) gives None."""
+    for lag in (now_ns - stamp_ns, now_mono_ns - stamp_ns):
+        if 0 <= lag <= _MAX_LAG_NS:
+            return lag
+    return None
 
 
 class StampedListener(socket.socket):
