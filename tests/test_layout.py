@@ -63,3 +63,45 @@ def test_subpackages_import_each_other_without_cycles() -> None:
         rooms[_room(module)].update(_room(t) for t in targets if _room(t) != _room(module))
     assert _cycle(rooms) is None, f"import cycle between subpackages: {' -> '.join(_cycle(rooms) or [])}"
     assert _cycle(_imports()) is None
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Top-level packages a module imports when it is imported (its body, not its functions')."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_package_imported_at_module_level_is_a_declared_dependency() -> None:
+    """A wheel installed with its dependencies must import: scipy was once only a test extra."""
+    import re
+    import sys
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, packages_distributions, requires
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~;\[ (]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    declared = {name(d) for d in project["dependencies"]}
+    def brings(dist: str) -> set[str]:  # pydantic brings pydantic-core
+        try:
+            return {name(r) for r in requires(dist) or () if "extra ==" not in r}
+        except PackageNotFoundError:
+            return set()
+
+    declared |= {r for d in declared for r in brings(d)}
+    dist_of = packages_distributions()
+    missing: dict[str, set[str]] = defaultdict(set)
+    for path in PACKAGE.rglob("*.py"):
+        for name in _top_level_imports(path) - {"pricing", "__future__"}:
+            if name in sys.stdlib_module_names:
+                continue
+            dists = {d.lower().replace("_", "-") for d in dist_of.get(name, [name])}
+            if not dists & declared:
+                missing[name].add(str(path.relative_to(PACKAGE.parent)))
+    assert not missing, f"imported at module level but not in [project].dependencies: {dict(missing)}"
