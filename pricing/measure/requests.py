@@ -85,6 +85,14 @@ class Cohort:
     errors_by_kind: dict[str, int]
 
 
+def _cohort_members(table: RequestTable) -> np.ndarray:
+    """Requests, ended or cut by the tail's cap, whose first token came in the window."""
+    first = np.asarray(table.first_us, dtype=np.int64)
+    error = np.asarray(table.error, dtype=np.int64)
+    cancelled = table.error_kinds.index(CANCELLED) if CANCELLED in table.error_kinds else -2
+    return ((error == NONE) | (error == cancelled)) & (first >= 0) & (first <= table.window_us)
+
+
 def cohort(table: RequestTable) -> Cohort:
     """TTFT of every request whose first token came in the window; TPOT of those with two or more
     chunks, over their whole life, or over what arrived before the probe's end for the few the
@@ -93,8 +101,7 @@ def cohort(table: RequestTable) -> Cohort:
          for name in ("start_us", "first_us", "last_us", "end_us", "chunks", "out_tokens", "in_tokens", "error")}
     cancelled = table.error_kinds.index(CANCELLED) if CANCELLED in table.error_kinds else -2
     ok, cut = a["error"] == NONE, a["error"] == cancelled
-    has_first = a["first_us"] != NONE
-    members = (ok | cut) & has_first & (a["first_us"] >= 0) & (a["first_us"] <= table.window_us)
+    members = _cohort_members(table)
     order = np.argsort(a["first_us"][members], kind="stable")
     pick = {name: col[members][order] for name, col in a.items()}
     known = ok & (a["out_tokens"] != NONE)
@@ -134,10 +141,7 @@ def prompt_token_flow(table: RequestTable) -> tuple[float, tuple[float, float]]:
     """Prompt tokens per second of the requests whose first token came in the window (the
     cohort's), with a batch-means interval over their first-token times: what a prefill-only
     probe's server prefilled, counted rather than derived from its request rate."""
-    first = np.asarray(table.first_us, dtype=np.int64)
-    error = np.asarray(table.error, dtype=np.int64)
-    cancelled = table.error_kinds.index(CANCELLED) if CANCELLED in table.error_kinds else -2
-    members = ((error == NONE) | (error == cancelled)) & (first >= 0) & (first <= table.window_us)
+    first, members = np.asarray(table.first_us, dtype=np.int64), _cohort_members(table)
     return rate_interval(first[members] * US, np.asarray(table.in_tokens, dtype=np.float64)[members],
                          0, table.window_us * US)
 
