@@ -219,11 +219,10 @@ def arrival_times_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[f
             yield t_s
 
 
-def _simulate_open(model: EngineModel, pairs: Pairs, rate_rps: float, burstiness: float, seed: int,
-                   horizon_requests: int, warmup_frac: float) -> TruthPoint:
-    run = _new_run(model, pairs, horizon_requests, warmup_frac)
-    load = dict(mode="open", offered_rate_rps=rate_rps, burstiness=burstiness)
-    engine, arrivals, checked = run.engine, arrival_times_s(rate_rps, burstiness, seed), False
+def _drive_open(run: _Run, rate_rps: float, burstiness: float, seed: int, stop_unstable: bool = True) -> bool:
+    """Arrivals into the run's engine until its cohort has finished; False when it stopped at the
+    cut because the span was unstable (`stop_unstable`)."""
+    engine, arrivals, checked = run.engine, arrival_times_s(rate_rps, burstiness, seed), not stop_unstable
     next_s = next(arrivals)  # arrivals go on past the cut, keeping the load on while the cohort finishes
     while run.cohort_left or run.t_s < run.window[1]:  # at low load the cohort can finish before the cut
         if engine.idle and run.t_s < next_s:
@@ -234,13 +233,32 @@ def _simulate_open(model: EngineModel, pairs: Pairs, rate_rps: float, burstiness
         if not checked and run.t_s >= run.window[1]:
             checked = True
             if not _kept_up(run):
-                return run.truth(stable=False, **load)
+                return False
         quiet = engine.quiet_steps()
         if quiet:  # up to the step at whose end the next arrival joins
             run.skip(min(quiet, math.ceil((next_s - ADMIT_S - run.t_s) / engine.quiet_step_s())))
         else:
             run.step()
-    return run.truth(**load)
+    return True
+
+
+def _simulate_open(model: EngineModel, pairs: Pairs, rate_rps: float, burstiness: float, seed: int,
+                   horizon_requests: int, warmup_frac: float) -> TruthPoint:
+    run = _new_run(model, pairs, horizon_requests, warmup_frac)
+    stable = _drive_open(run, rate_rps, burstiness, seed)
+    return run.truth(stable=stable, mode="open", offered_rate_rps=rate_rps, burstiness=burstiness)
+
+
+def open_loop_requests(model: EngineModel, pairs: Pairs, rate_rps: float, seed: int,
+                       horizon_requests: int) -> dict[str, np.ndarray]:
+    """Every request of one open-loop run from an empty engine, in arrival order: arrival, first
+    and last token times (s) and OSL. For checking what windows of a real probe's length see."""
+    run = _new_run(model, pairs, horizon_requests, 0.0)
+    _drive_open(run, rate_rps, 1.0, seed, stop_unstable=False)
+    ids = [i for i in range(len(run.arrive_s)) if i in run.end_s]
+    return {"arrive_s": np.asarray([run.arrive_s[i] for i in ids]), "first_s": np.asarray([run.first_s[i] for i in ids]),
+            "end_s": np.asarray([run.end_s[i] for i in ids]),
+            "osl": np.asarray([run.osl[i % len(run.osl)] for i in ids])}
 
 
 def _kept_up(run: _Run) -> bool:
