@@ -101,15 +101,21 @@ def test_a_window_that_never_filled_is_a_sure_fail():
     assert cap.kind == "found" and 2 <= cap.level < 8
 
 
+def _flat_strict_tier() -> list[Point]:
+    """Undecided at every level between 30 and 40 (a flat curve within the noise), bracketed."""
+    return [Point(8, 0.5, 0.47, 0.53, 10, 10, 10), Point(24, 0.9, 0.85, 0.95, 30, 30, 30),
+            Point(52, 1.2, 1.1, 1.3, 50, 50, 50)] + [Point(c, 1.0, 0.95, 1.05, 40, 40, 40) for c in range(30, 41)]
+
+
 def test_the_tiers_take_turns_so_a_flat_strict_tier_cannot_spend_the_budget():
-    """Strict: undecided at every level between 30 and 40 (a flat curve within the noise); loose:
-    never violated. Both keep asking; each gets every other probe."""
-    strict = [Point(8, 0.5, 0.47, 0.53, 10, 10, 10), Point(24, 0.9, 0.85, 0.95, 30, 30, 30),
-              Point(52, 1.2, 1.1, 1.3, 50, 50, 50)] + [Point(c, 1.0, 0.95, 1.05, 40, 40, 40) for c in range(30, 41)]
-    loose = [Point(p.level, p.severity / 5, p.severity_low / 5, p.severity_high / 5, 40, 40, 40) for p in strict]
+    """Both tiers bracketed and asking: each gets every other probe."""
+    strict = _flat_strict_tier()
+    loose = [Point(p.level, p.severity / 1.3, p.severity_low / 1.3, p.severity_high / 1.3, 40, 40, 40) for p in strict]
+    loose.append(Point(80, 2.0, 1.8, 2.2, 60, 60, 60))
     params = SearchParams(tolerance=0.15)
-    tried = {p.level for p in strict}
+    tried = {p.level for p in strict} | {80.0}
     strict_wants, loose_wants = tier_next_level(strict, params, tried), tier_next_level(loose, params, tried)
+    assert capacity_from_points(loose, True).kind == "found"
     assert strict_wants is not None and loose_wants is not None and strict_wants < loose_wants
     asked, turn = [], 0
     for _ in range(4):
@@ -118,3 +124,18 @@ def test_the_tiers_take_turns_so_a_flat_strict_tier_cannot_spend_the_budget():
     assert asked == [strict_wants, loose_wants] * 2
     done = {"strict": strict[:1], "loose": loose}
     assert next_level(done, params, tried | {8.0}, 0)[0] == loose_wants  # a resolved or stuck tier gives its turn
+
+
+def test_a_tier_not_yet_bracketed_goes_before_refining_one_that_is():
+    """The loose tier passes everywhere (no price yet, only a bound); on the strict tier's turn
+    it is still asked first. On the simulated engine an open-loop search (search_accuracy --quick
+    --mode open, seed 1) spent its 8 probes refining Fast and Baseline while Instant, failed at
+    both of its probes, stayed unpriced."""
+    strict = _flat_strict_tier()
+    loose = [Point(p.level, p.severity / 5, p.severity_low / 5, p.severity_high / 5, 40, 40, 40) for p in strict]
+    params = SearchParams(tolerance=0.15)
+    tried = {p.level for p in strict}
+    loose_wants = tier_next_level(loose, params, tried)
+    assert capacity_from_points(loose, True).kind == "at_least" and loose_wants is not None
+    assert next_level({"strict": strict, "loose": loose}, params, tried, 0)[0] == loose_wants
+    assert next_level({"loose": loose, "strict": strict}, params, tried, 1)[0] == loose_wants

@@ -6,7 +6,8 @@ line through its two highest probes, is predicted to cross the limit (at least 1
 `growth` times per step); with every probe violating, step down; once bracketed, probe just
 inside the wider side of the interval around the predicted crossing, where a probe is likely to
 be decided and to narrow it, until the tier's capacity is known to `tolerance` at 95% (closed
-loop: or the exact whole concurrency). The tiers take turns asking for the next probe.
+loop: or the exact whole concurrency). The tiers take turns asking for the next probe, those
+not yet bracketed first.
 """
 
 from __future__ import annotations
@@ -168,13 +169,21 @@ def tier_next_level(points: Sequence[Point], params: SearchParams, tried: Collec
 def next_level(points: Mapping[str, Sequence[Point]], params: SearchParams, tried: Collection[float],
                turn: int = 0) -> tuple[float | None, int]:
     """The tiers take turns: from tier `turn` (mod their number) on, the first unresolved tier's
-    level, and the turn after it; None when all are resolved. Turns, not the lowest level asked
-    for: near a strict tier's capacity the curve can be flat within the probes' noise (TPOT p90
-    at 9.4-10.4 ms from c=31 to 39 against a 10 ms limit on an H200), and that tier alone would
-    then spend every probe of the budget."""
+    level, and the turn after it; None when all are resolved. A tier not yet bracketed (no pass
+    below a fail) goes first: it has no price at all, where a bracketed one has a price with an
+    interval, and it is bracketed in a few steps (each at least 1.25x up or `growth` down). Turns,
+    not the lowest level asked for: near a strict tier's capacity the curve can be flat within the
+    probes' noise (TPOT p90 at 9.4-10.4 ms from c=31 to 39 against a 10 ms limit on an H200), and
+    that tier alone would then spend every probe of the budget."""
     names = list(points)
+    asks = []
     for i in range(len(names)):
-        level = tier_next_level(points[names[(turn + i) % len(names)]], params, tried)
+        tier = points[names[(turn + i) % len(names)]]
+        level = tier_next_level(tier, params, tried)
         if level is not None:
-            return level, turn + i + 1
-    return None, turn
+            bracketed = bool(tier) and capacity_from_points(tier, params.integer).kind == "found"
+            asks.append((bracketed, i, level))
+    if not asks:
+        return None, turn
+    _, i, level = min(asks)  # unbracketed first, then in turn
+    return level, turn + i + 1
