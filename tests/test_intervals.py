@@ -8,7 +8,8 @@ import pytest
 from fixtures.pricing_builders import make_probe
 from scipy import stats
 
-from pricing.capacity.choice import fell_behind
+from pricing.capacity.choice import fell_behind, tier_point
+from pricing.capacity.curve import BIG
 from pricing.measure.intervals import (
     percentile_interval,
     proportion_interval,
@@ -17,7 +18,8 @@ from pricing.measure.intervals import (
 )
 from pricing.measure.probe import open_loop_rate
 from pricing.measure.requests import arrival_rate, cohort, table_from_records
-from pricing.schema import CANCELLED, LoadSpec, RequestRecord
+from pricing.results import SourcedProbe
+from pricing.schema import CANCELLED, LoadSpec, RequestRecord, SloTier
 
 TRUE_P90 = math.exp(0.5 * stats.norm.ppf(0.9))  # of exp(0.5 Z)
 
@@ -147,3 +149,23 @@ def test_an_open_loop_fell_behind_when_the_requests_in_the_server_grew(e2e_ms_of
     rec = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0), "stats": stats})
     assert fell_behind(rec, 10.0, table) is behind
     assert fell_behind(rec, 10.0)  # no records: the flow says it
+
+
+@pytest.mark.parametrize(("e2e_ms_of", "sure_fail"), [
+    (lambda t: 2000, False),  # few arrivals, the server kept up: judged on what the window holds
+    (lambda t: 2000 + 0.5 * max(t, 0), True),  # the server fell behind: a sure fail
+])
+def test_an_open_loop_window_short_of_arrivals_is_judged_on_what_it_holds(e2e_ms_of, sure_fail):
+    records = [_rec(round(t), [round(t + e2e_ms_of(t) / 2), round(t + e2e_ms_of(t))], tokens=2)
+               for t in np.arange(-5000, 20_000, 100.0)]
+    table = table_from_records(records, 0, 20_000 * 1_000_000)
+    rec = make_probe(rps=10.0, window_s=20.0)
+    rec = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0), "abort": "window_not_filled",
+                                 "stats": rec.stats.model_copy(update={"rate_source": "arrivals"})})
+    tier = SloTier(name="Loose", ttft_s=1.0, tpot_s=0.05)
+    point = tier_point(SourcedProbe(rec, requests=table), tier)
+    assert (point.severity == BIG) is sure_fail
+    if not sure_fail:
+        assert point.severity == pytest.approx(max(0.1 / 1.0, 0.01 / 0.05))  # make_probe's p90s over the limits
+    closed = rec.model_copy(update={"load": LoadSpec(mode="closed", concurrency=4)})
+    assert tier_point(SourcedProbe(closed, requests=table), tier).severity == BIG  # a slow server

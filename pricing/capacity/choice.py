@@ -76,6 +76,15 @@ def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None
     return stats.output_tok_s_ci[1] < KEPT_UP_SHARE * ramp * arrival_rps * stats.lengths_mean[1]
 
 
+def _short_of_arrivals(rec: ProbeRecord, table: RequestTable | None) -> bool:
+    """An open-loop window that did not fill because few requests arrived, not because the server
+    was slow (it did not fall behind): at 2 req/s a 15-request window takes 8 s. It is judged on
+    what it holds, its intervals saying how little that is. Read as a sure fail, such a probe at
+    the bottom of a rate search made the tier 'violated at the lowest load' on a mock server that
+    met it at every rate below 134 req/s. A closed loop's unfilled window is a slow server."""
+    return rec.load.mode == "open" and table is not None and table.window_us > 0 and rec.stats.window_s > 0
+
+
 def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> Point | None:
     """What one decode probe says about a tier (None: it says nothing, the server failed, went
     away or hung during it)."""
@@ -90,8 +99,8 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
         rate = rate_low = rate_high = arrival_rate(table)  # a record from before open loops counted arrivals
     rate_low = rate if rate_low is None else rate_low
     rate_high = rate if rate_high is None else rate_high
-    if rec.abort == "window_not_filled" or fell_behind(rec, rate, table):  # a sure fail of every tier
-        return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)
+    if fell_behind(rec, rate, table) or (rec.abort == "window_not_filled" and not _short_of_arrivals(rec, table)):
+        return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)  # a sure fail of every tier
     verdicts = slo_verdicts(stats, tier, tier_figures(probe, tier, warn))
     severity, low, high = 0.0, 0.0, 0.0
     for v in verdicts:
