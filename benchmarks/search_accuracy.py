@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="WildChat lengths / 8, one profile and seed (< 5 min)")
     p.add_argument("--mode", choices=["closed", "open"], default="closed")
     p.add_argument("--seeds", type=int, help="sweeps per profile (default 1 quick, 5 full)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--keep", type=Path, help="keep each sweep's results here (PROFILE-MODE-seedN.jsonl)")
     args = p.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 5)
     traffics = [wildchat(args.quick)] if args.quick else [fixed(False), wildchat(False)]
@@ -68,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     for traffic in traffics:
         truths = {t.name: capacity_truth(ENGINE, traffic.pairs, t.ttft_s, t.tpot_s, t.percentile, mode=args.mode,
                                          think_s=THINK_S, cache_dir=CACHE) for t in TIERS}
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             with tempfile.TemporaryDirectory() as tmp:
-                outcome, wall = one_sweep(traffic, seed, args.mode, Path(tmp) / "sweep.jsonl", probe_plan(args.quick))
+                out = Path(args.keep or tmp) / f"{traffic.name.replace('/', '-')}-{args.mode}-seed{seed}.jsonl"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                outcome, wall = one_sweep(traffic, seed, args.mode, out, probe_plan(args.quick))
             found = outcome.open if args.mode == "open" else outcome.closed
             for tier in TIERS:
                 truth, cap = truths[tier.name], found[tier.name]
