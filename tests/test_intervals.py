@@ -132,16 +132,29 @@ def test_an_open_loop_that_fell_behind_its_arrivals_is_a_sure_fail(flow_high, wi
 
 
 
-@pytest.mark.parametrize(("e2e_ms_of", "behind"), [
-    (lambda t: 2000, False),  # steady: 20 in the server at the opening and at the close
-    (lambda t: 2000 + 0.5 * max(t, 0), True),  # each request waits longer: 20 -> 120 in the server
+def _timed(ttft_ms_of, e2e_ms_of):
+    """10 req/s from 5 s before a 20 s window to its close; request i arriving at t ms gets its
+    first token after ttft_ms_of(t, i) and ends after e2e_ms_of(t, i)."""
+    return [_rec(round(t), [round(t + ttft_ms_of(t, i)), round(t + e2e_ms_of(t, i))], tokens=2)
+            for i, t in enumerate(np.arange(-5000, 20_000, 100.0))]
+
+
+@pytest.mark.parametrize(("ttft_ms_of", "e2e_ms_of", "behind"), [
+    (lambda t, i: 1000, lambda t, i: 2000, False),  # steady: 20 in the server at the opening and at the close
+    # Heavy-tailed answers: every tenth lasts a minute, so the count in the server ramps up all
+    # window (23 -> 43) while every request gets its first token at once: the server keeps up.
+    (lambda t, i: 100, lambda t, i: 60_000 if i % 10 == 0 else 2000, False),
+    # A full batch: requests queue for their first token longer and longer (1 -> 21 queued), the
+    # count in the server grows by only 10% of the arrivals.
+    (lambda t, i: 100 + 0.1 * max(t, 0), lambda t, i: 1100 + 0.1 * max(t, 0), True),
+    # All admitted, the batch swells: each answer takes longer (20 -> 154 in the server).
+    (lambda t, i: 100, lambda t, i: 2000 + 3 * max(t, 0), True),
 ])
-def test_an_open_loop_fell_behind_when_the_requests_in_the_server_grew(e2e_ms_of, behind):
-    """With per-request records the backlog decides, not the flow: a window's own mean OSL of a
-    small heavy-tailed sample is no measure of what the arrivals asked for."""
-    records = [_rec(round(t), [round(t + e2e_ms_of(t) / 2), round(t + e2e_ms_of(t))], tokens=2)
-               for t in np.arange(-5000, 20_000, 100.0)]
-    table = table_from_records(records, 0, 20_000 * 1_000_000)
+def test_an_open_loop_fell_behind_when_its_queue_or_its_batch_grew(ttft_ms_of, e2e_ms_of, behind):
+    """With per-request records the requests in the server and those queued for a first token
+    decide, not the flow: a window's own mean OSL of a small heavy-tailed sample is no measure of
+    what the arrivals asked for, and a count that ramps up with long answers is no fault."""
+    table = table_from_records(_timed(ttft_ms_of, e2e_ms_of), 0, 20_000 * 1_000_000)
     rec = make_probe(rps=10.0, window_s=20.0)
     # A flow far below the arrivals' ask: the flow test alone would call it behind.
     stats = rec.stats.model_copy(update={"output_tok_s_ci": (10.0, 20.0), "lengths_mean": (500.0, 100.0),

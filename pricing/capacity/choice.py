@@ -46,17 +46,25 @@ def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -
 # per-request records are missing: at 4 req/s of WildChat on an H200 (75 arrivals) the window's
 # flow was 30% below the population's mean OSL x arrivals while the server kept up.
 KEPT_UP_SHARE = 0.9
-# With per-request records: the server fell behind when the requests in it grew, during the
-# window, by more than this share of the window's arrivals beyond noise (3 x the Poisson sd of
-# the two counts). On two H200 sweeps (16 open probes, 4-19 req/s, stable) the growth beyond
-# noise stayed under 6% of arrivals; the two probes at 25 req/s grew by 18% and 19%.
-BACKLOG_SHARE = 0.1
+# With per-request records, the server fell behind when, during the window and beyond noise
+# (3 x the Poisson sd of the two counts), either
+# - the requests queued for their first token grew by more than QUEUE_SHARE of the window's
+#   arrivals: arrivals outpaced admissions. Over 36 open H200 probes that kept up (2.7-17.6
+#   req/s, saturation about 17.5) this growth stayed at or below -0.1% of arrivals; the two at 25
+#   req/s grew by 22% and 33% (TTFT p90 9-14 s); the simulated engine 25% past its saturation, 8%;
+# - or the requests in the server grew by more than BACKLOG_SHARE of them: vLLM admits all it
+#   has room for and the batch swells. The same 36 grew by up to 31% (heavy-tailed answers: the
+#   count ramps for as long as the longest last); two at 23-25 req/s whose windows still met
+#   Baseline grew by 47% and 56%.
+QUEUE_SHARE = 0.01
+BACKLOG_SHARE = 0.4
 
 
 def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None = None) -> bool:
     """An open-loop probe above what the server can serve (on an H200, 24 req/s sent against a
     19 req/s closed-loop saturation still met a 1 s TTFT p90 in a 28 s window: the requests in the
-    server grew from 5 to 367). Read from the backlog where the per-request records are at hand,
+    server grew from 5 to 367). Read from the requests in the server and those queued for their
+    first token (BACKLOG_SHARE, QUEUE_SHARE) where the per-request records are at hand,
     else from the output flow against what the arrivals ask for (rate x mean OSL). Older records
     (rate_source "flow") opened their window with the first completion, while the server still
     filled, so only the flow can say, less that ramp (about E2E p90 / (2 x window), which matched
@@ -67,7 +75,8 @@ def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None
         return False
     if table is not None and stats.rate_source == "arrivals":
         b = backlog(table)
-        return b.growth - 3 * math.sqrt(b.at_open + b.at_close + 1) > BACKLOG_SHARE * b.arrivals
+        return (b.queue_growth - 3 * math.sqrt(b.queued_at_open + b.queued_at_close + 1) > QUEUE_SHARE * b.arrivals
+                or b.growth - 3 * math.sqrt(b.at_open + b.at_close + 1) > BACKLOG_SHARE * b.arrivals)
     if stats.lengths_mean is None or stats.output_tok_s_ci is None or stats.output_tok_s_ci[1] is None:
         return False
     ramp = 1.0
