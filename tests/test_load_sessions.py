@@ -182,3 +182,23 @@ async def test_a_session_sweep_whose_think_times_leave_too_few_requests_stops_wi
     (record,) = read_records(out)
     assert record.abort == "window_not_filled" and record.load.replays_sessions
     assert tier_point(SourcedProbe(record), tier) is None
+    outcome = await run_sweep(sweep, probe, out)  # resumed: the load that said nothing is tried again
+    assert seen == [2, 2] and outcome.stop == "too_few_requests", (seen, outcome.stop)
+
+
+async def test_a_closed_loop_of_sessions_opens_its_window_without_waiting_for_the_longest(mock_server):
+    """The window opens once as many sessions have ended as there are workers: a worker that drew
+    a long session (20 turns, 0.1 s apart) must not hold it shut, as the longest of hundreds of
+    heavy-tailed sessions did on an H200 for minutes."""
+    long = tuple(SessionTurn(8, 2, 0.1) for _ in range(20))
+    mock = mock_server(MockConfig(latency=FAST))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model")
+    plan = ProbePlan(min_window_s=0.5, min_requests=6, max_duration_s=20.0)
+    # Seed 57: the first worker draws the long session, the next eight draws are one-turn sessions.
+    traffic = SessionTraffic([long] + [(SessionTurn(8, 2, 0.0),)] * 5, seed=57)
+    result = await run_probe(cfg, sessions_load(4, think_scale=1.0), traffic, plan)
+    assert result.aborted is None
+    t0 = min(r.start_ns for r in result.records)
+    assert (result.window_start_ns - t0) / 1e9 < 1.0, "the window waited for the long session"
+    # The long session was still under way: its later turns (prompts of 40+ tokens) come after.
+    assert any(r.start_ns > result.window_start_ns for r in result.records if (r.prompt_tokens or 0) > 40)

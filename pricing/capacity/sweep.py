@@ -192,7 +192,11 @@ class _Run:
             events.probe_finished(rec, reused=True)
 
     def levels(self, mode: Mode, kind: Kind = "decode") -> set[float]:
-        return {r.load.level for r in self.records if r.load.mode == mode and r.load.kind == kind}
+        """Loads measured so far. A session replay that filled no window said nothing: its load
+        is tried again when the sweep resumes (with the longer --max-probe-s its stop asked for),
+        where it had made the resumed search end at once, as if done."""
+        return {r.load.level for r in self.records if r.load.mode == mode and r.load.kind == kind
+                and not (r.abort == "window_not_filled" and r.load.replays_sessions)}
 
     async def measure(self, mode: Mode, level: float, kind: Kind) -> ProbeRecord:
         load = _load(self.spec, mode, level, kind)

@@ -66,8 +66,8 @@ async def drive_sessions(
     stop_rule: StopRule | None = None,
     mark: WindowMark | None = None,
 ) -> LoadRun:
-    """Replay sessions at one load level (loops.run_units: warm-up until every closed-loop worker
-    has finished one session, the window, its tail)."""
+    """Replay sessions at one load level (loops.run_units: warm-up until the closed loop has
+    finished as many sessions as it has workers, the window, its tail)."""
     if cfg.endpoint != "completions" or cfg.prompts != "token_ids":
         raise ValueError("session replay sends token ids to /v1/completions: each prompt must hold the last answer's "
                          "exact token ids (use --endpoint completions --prompt-format token_ids)")
