@@ -1,14 +1,15 @@
 """How long an open-loop window must be for its TPOT p90 to mean the long run's, offline.
 
-    python benchmarks/window_length.py [--seeds N] [--horizon-s S]
+    python benchmarks/window_length.py [--seeds N] [--horizon-s S] [--loads 0.6,0.9] [--windows 10,20,40]
 
 The simulated engine (sim_setup.ENGINE) takes Poisson arrivals of the quick WildChat traffic at
-60% of its saturation, from an empty engine, for `--horizon-s` per seed; every window of W seconds
-after the first 30 s gives the p90 of its cohort's TPOT (requests whose first token came in it,
-followed to their end, as a probe measures) and that p90's 95% interval (measure.intervals).
-Printed per W: the median and sd of the windows' p90 error against the long-run truth
-(sim_truth.open_loop_truth), and the share of intervals that hold the truth. Short windows err
-low: each window sees its own stretch of load, and the long run's p90 is over the mixture of them.
+each `--loads` share of its saturation, from an empty engine, for `--horizon-s` per seed; every
+window of W seconds after the first 30 s gives the p90 of its cohort's TPOT and TTFT (requests
+whose first token came in it, followed to their end, as a probe measures) and each p90's 95%
+interval (measure.intervals). Printed per load and W: the median (and, for TPOT, the sd) of the
+windows' p90 error against the long-run truth (sim_truth.open_loop_truth), and the share of
+intervals that hold the truth. Short windows err low: each window sees its own stretch of load,
+and the long run's p90 is over the mixture of them; near saturation that stretch is long.
 No server runs; a few seconds of CPU per seed.
 """
 
@@ -35,31 +36,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--horizon-s", type=float, default=1200.0)
     p.add_argument("--windows", default="10,20,40", help="window lengths in seconds")
+    p.add_argument("--loads", default="0.6,0.9", help="arrival rates as shares of the closed-loop saturation")
     args = p.parse_args(argv)
     traffic = wildchat(True)
     saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
-    rate = round(0.6 * saturation, 3)
-    truth = open_loop_truth(ENGINE, traffic.pairs, rate, seed=0, cache_dir=CACHE).tpot_s.p90
-    runs = []
-    for seed in range(args.seeds):
-        offset = 5000 * seed + 3  # each seed its own stretch of the pool, as probes take
-        pairs = traffic.pairs[offset:] + traffic.pairs[:offset]
-        runs.append(open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=int(rate * args.horizon_s)))
-    print(f"{traffic.name}, Poisson {rate:g} req/s (60% of saturation), long-run TPOT p90 {truth * 1e3:.2f} ms, "
-          f"{args.seeds} runs of {args.horizon_s:g} s")
-    print(f"{'window':>8}{'windows':>9}{'median err':>12}{'sd':>7}{'covered':>9}")
-    for width in (float(w) for w in args.windows.split(",")):
-        errors, covered = [], 0
-        for r in runs:
-            multi = r["osl"] >= 2
-            for start in np.arange(SETTLE_S, r["first_s"].max() - width, width):
-                inside = multi & (r["first_s"] >= start) & (r["first_s"] <= start + width)
-                order = np.argsort(r["first_s"][inside])  # in time order, as the interval needs
-                tpot = ((r["end_s"] - r["first_s"])[inside] / (r["osl"][inside] - 1))[order]
-                low, high = percentile_interval(tpot, 90)
-                errors.append(np.percentile(tpot, 90) / truth - 1)
-                covered += low <= truth <= high
-        print(f"{width:>7g}s{len(errors):>9}{np.median(errors):>+12.1%}{np.std(errors):>7.1%}{covered / len(errors):>9.0%}")
+    print(f"{traffic.name}, Poisson arrivals, {args.seeds} runs of {args.horizon_s:g} s per load; "
+          f"saturation {saturation:.1f} req/s")
+    print(f"{'load':>6}{'window':>8}{'windows':>9}{'TPOT p90 err':>14}{'sd':>7}{'covered':>9}{'TTFT p90 err':>14}{'covered':>9}")
+    for share in (float(x) for x in args.loads.split(",")):
+        rate = round(share * saturation, 3)
+        truth = open_loop_truth(ENGINE, traffic.pairs, rate, seed=0, cache_dir=CACHE)
+        runs = []
+        for seed in range(args.seeds):
+            offset = 5000 * seed + 3  # each seed its own stretch of the pool, as probes take
+            pairs = traffic.pairs[offset:] + traffic.pairs[:offset]
+            runs.append(open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=int(rate * args.horizon_s)))
+        for width in (float(w) for w in args.windows.split(",")):
+            tpot_err, ttft_err, tpot_cov, ttft_cov = [], [], 0, 0
+            for r in runs:
+                multi = r["osl"] >= 2
+                for start in np.arange(SETTLE_S, r["first_s"].max() - width, width):
+                    inside = (r["first_s"] >= start) & (r["first_s"] <= start + width)
+                    order = np.argsort(r["first_s"][inside & multi])  # in time order, as the interval needs
+                    tpot = ((r["end_s"] - r["first_s"])[inside & multi] / (r["osl"][inside & multi] - 1))[order]
+                    ttft = (r["first_s"] - r["arrive_s"])[inside][np.argsort(r["first_s"][inside])]
+                    for values, true, errs, name in ((tpot, truth.tpot_s.p90, tpot_err, "tpot"),
+                                                     (ttft, truth.ttft_s.p90, ttft_err, "ttft")):
+                        low, high = percentile_interval(values, 90)
+                        errs.append(np.percentile(values, 90) / true - 1)
+                        hit = low <= true <= high
+                        tpot_cov += hit and name == "tpot"
+                        ttft_cov += hit and name == "ttft"
+            n = len(tpot_err)
+            print(f"{share:>6.0%}{width:>7g}s{n:>9}{np.median(tpot_err):>+14.1%}{np.std(tpot_err):>7.1%}{tpot_cov / n:>9.0%}"
+                  f"{np.median(ttft_err):>+14.1%}{ttft_cov / n:>9.0%}")
     return 0
 
 

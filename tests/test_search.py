@@ -7,6 +7,7 @@ Each probe reports S with multiplicative noise and a 95% interval of +-halfwidth
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,6 +100,11 @@ def test_a_window_that_never_filled_is_a_sure_fail():
     pts = [Point(2, 0.5, 0.45, 0.55, 2, 2, 2), Point(8, BIG, BIG, BIG, 0.1, 0.1, 0.1)]
     cap = capacity_from_points(pts, integer=True)
     assert cap.kind == "found" and 2 <= cap.level < 8
+    # It says the tier fails there, not by how much: the estimate is the middle of the gap, not
+    # the pass below it, and the interval spans the gap.
+    cap = capacity_from_points([Point(40, 0.4, 0.38, 0.43, 40, 40, 40), Point(60, BIG, BIG, BIG, 60, 60, 60)],
+                               integer=False)
+    assert cap.kind == "found" and cap.level == pytest.approx(50) and (cap.level_low, cap.level_high) == (40, 60)
 
 
 def _flat_strict_tier() -> list[Point]:

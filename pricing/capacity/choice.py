@@ -108,9 +108,15 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
         rate = rate_low = rate_high = arrival_rate(table)  # a record from before open loops counted arrivals
     rate_low = rate if rate_low is None else rate_low
     rate_high = rate if rate_high is None else rate_high
-    if fell_behind(rec, rate, table) or (rec.abort == "window_not_filled" and not _short_of_arrivals(rec, table)):
+    if rec.abort == "window_not_filled" and not _short_of_arrivals(rec, table):
         return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)  # a sure fail of every tier
     verdicts = slo_verdicts(stats, tier, tier_figures(probe, tier, warn))
+    if fell_behind(rec, rate, table):
+        # A sure fail of every tier. Where its window already violates the tier, by how much
+        # places the crossing (curve); where the growing queue still hid it, nothing does.
+        measured = max((v.value / v.limit for v in verdicts if v.metric != "error_rate" and v.value is not None),
+                       default=0.0)
+        return Point(rec.load.level, measured if measured > 1 else BIG, BIG, BIG, rate, rate_low, rate_high)
     severity, low, high = 0.0, 0.0, 0.0
     for v in verdicts:
         if v.metric == "error_rate":

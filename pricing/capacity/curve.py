@@ -7,7 +7,8 @@ severity S = max(value / limit) (> 1 violates), with an interval from the values
 Severity grows with load, so the probes are read as one monotone curve:
 
 - the estimate is where an isotonic fit of S, interpolated linearly in load between probes,
-  crosses 1 (decode step time, and with it TPOT, grows about linearly with the batch);
+  crosses 1 (decode step time, and with it TPOT, grows about linearly with the batch); where the
+  probe above the crossing could not be measured (a sure fail of unknown size), the middle of the gap;
 - the interval needs nothing but monotonicity: it runs from the highest load that surely meets
   the tier (its interval entirely within the limits, or a higher load's is) to the lowest load
   that surely violates it. No single noisy probe sets the capacity, and never the best of noisy
@@ -127,6 +128,16 @@ def capacity_from_points(points: Sequence[Point], integer: bool) -> Capacity:
     base = dict(probes=len(pts), highest_level=float(levels[-1]), lowest_level=float(levels[0]))
 
     crossing = _linear_crossing(levels, fit)
+    if crossing is not None and crossing > levels[0]:
+        i = int(np.searchsorted(levels, crossing))  # the segment (levels[i-1], levels[i]] holding it
+        if i < len(levels) and sev[i] >= BIG:
+            # A load that could not be measured (a window that never filled, errors, an open loop
+            # that fell behind while its window still met the tier) says the tier fails there,
+            # not by how much: interpolating towards BIG put the crossing at the pass below it
+            # (open loop, simulated engine: Baseline 41.9 req/s between a pass at 41.9 and a
+            # fall-behind at 62.3, truth 57.5). Without a slope, the middle of the gap; its
+            # interval still spans the whole gap.
+            crossing = float((levels[i - 1] + levels[i]) / 2)
     if crossing is None and high is None:
         return Capacity(kind="at_least", level=float(levels[-1]), rate_rps=float(rates[-1]), level_low=low,
                         rate_low=_interp(levels, rate_lows, low) if low is not None else None, **base)
