@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    "concurrency counts active sessions, an open loop's rate arrives as sessions")
     p.add_argument("--think-scale", type=float, default=1.0, help="with --sessions: the data's think times (median "
                    "about 2 min in WildChat) x this before each next turn; 0 sends it as the answer ends")
-    p.add_argument("--min-window-s", type=float, default=10.0, help="shortest steady-state window per probe")
+    p.add_argument("--min-window-s", type=float, default=10.0, help="shortest steady-state window per probe "
+                   "(an open-loop probe's: twice this)")
     p.add_argument("--window-e2e", type=float, default=2.0, help="a window lasts at least this many times the "
                    "p90 end-to-end latency of the probe's warm-up requests")
     p.add_argument("--min-requests", type=int, default=50, help="completed requests per probe window (50: the "

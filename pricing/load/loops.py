@@ -123,7 +123,8 @@ class _RunState:
         self.window_start_ns = now_ns
         e2e = [(r.end_ns - r.start_ns) / 1e9 for r in self.records if r.ok]
         p90 = float(np.percentile(e2e, 90)) if e2e else 0.0
-        self.window_target_s = max(self.plan.min_window_s, self.plan.window_e2e_multiple * p90)
+        shortest = self.plan.min_window_s * (self.plan.open_window_multiple if self.load.mode == "open" else 1.0)
+        self.window_target_s = max(shortest, self.plan.window_e2e_multiple * p90)
 
 
 # An open loop's window opens once its first arrivals have all ended (those of its first 2 s,
