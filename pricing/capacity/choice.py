@@ -49,11 +49,11 @@ KEPT_UP_SHARE = 0.9
 # With per-request records, the server fell behind when, during the window and beyond noise
 # (3 x the Poisson sd of the two counts), either
 # - the requests queued for their first token grew by more than QUEUE_SHARE of the window's
-#   arrivals: arrivals outpaced admissions. Over 36 open H200 probes that kept up (2.7-17.6
+#   arrivals: arrivals outpaced admissions. Over 34 open H200 probes that kept up (2.7-17.6
 #   req/s, saturation about 17.5) this growth stayed at or below -0.1% of arrivals; the two at 25
 #   req/s grew by 22% and 33% (TTFT p90 9-14 s); the simulated engine 25% past its saturation, 8%;
 # - or the requests in the server grew by more than BACKLOG_SHARE of them: vLLM admits all it
-#   has room for and the batch swells. The same 36 grew by up to 31% (heavy-tailed answers: the
+#   has room for and the batch swells. The same 34 grew by up to 31% (heavy-tailed answers: the
 #   count ramps for as long as the longest last); two at 23-25 req/s whose windows still met
 #   Baseline grew by 47% and 56%.
 QUEUE_SHARE = 0.01
