@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             pairs = traffic.pairs[offset:] + traffic.pairs[:offset]
             runs.append(open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=int(rate * args.horizon_s)))
         for width in (float(w) for w in args.windows.split(",")):
-            tpot_err, ttft_err, tpot_cov, ttft_cov = [], [], 0, 0
+            errors: dict[str, list[float]] = {"tpot": [], "ttft": []}
+            covered = {"tpot": 0, "ttft": 0}
             for r in runs:
                 multi = r["osl"] >= 2
                 for start in np.arange(SETTLE_S, r["first_s"].max() - width, width):
@@ -60,16 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                     order = np.argsort(r["first_s"][inside & multi])  # in time order, as the interval needs
                     tpot = ((r["end_s"] - r["first_s"])[inside & multi] / (r["osl"][inside & multi] - 1))[order]
                     ttft = (r["first_s"] - r["arrive_s"])[inside][np.argsort(r["first_s"][inside])]
-                    for values, true, errs, name in ((tpot, truth.tpot_s.p90, tpot_err, "tpot"),
-                                                     (ttft, truth.ttft_s.p90, ttft_err, "ttft")):
+                    for name, values, true in (("tpot", tpot, truth.tpot_s.p90), ("ttft", ttft, truth.ttft_s.p90)):
                         low, high = percentile_interval(values, 90)
-                        errs.append(np.percentile(values, 90) / true - 1)
-                        hit = low <= true <= high
-                        tpot_cov += hit and name == "tpot"
-                        ttft_cov += hit and name == "ttft"
-            n = len(tpot_err)
-            print(f"{share:>6.0%}{width:>7g}s{n:>9}{np.median(tpot_err):>+14.1%}{np.std(tpot_err):>7.1%}{tpot_cov / n:>9.0%}"
-                  f"{np.median(ttft_err):>+14.1%}{ttft_cov / n:>9.0%}")
+                        errors[name].append(np.percentile(values, 90) / true - 1)
+                        covered[name] += low <= true <= high
+            n = len(errors["tpot"])
+            print(f"{share:>6.0%}{width:>7g}s{n:>9}{np.median(errors['tpot']):>+14.1%}{np.std(errors['tpot']):>7.1%}"
+                  f"{covered['tpot'] / n:>9.0%}{np.median(errors['ttft']):>+14.1%}{covered['ttft'] / n:>9.0%}")
     return 0
 
 

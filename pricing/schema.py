@@ -390,6 +390,13 @@ class ProbeRecord(BaseModel):
         return self
 
     @property
+    def sessions_too_few(self) -> bool:
+        """A session replay whose window never filled: its think times left too few requests,
+        which says nothing about the server (capacity.sweep stops on it, and measures it again
+        on resume)."""
+        return self.abort == "window_not_filled" and self.load.replays_sessions
+
+    @property
     def workload(self) -> str:
         """The profile, whether its sessions were replayed (and their think-time scale), how prompts
         were sent unless as token ids, and a closed loop's think time or an open loop's

@@ -60,6 +60,11 @@ QUEUE_SHARE = 0.01
 BACKLOG_SHARE = 0.4
 
 
+def _grew(at_open: int, at_close: int, by: float) -> bool:
+    """A count grew by more than `by` beyond noise (3 x the Poisson sd of the two counts)."""
+    return at_close - at_open - 3 * math.sqrt(at_open + at_close + 1) > by
+
+
 def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None = None) -> bool:
     """An open-loop probe above what the server can serve (on an H200, 24 req/s sent against a
     19 req/s closed-loop saturation still met a 1 s TTFT p90 in a 28 s window: the requests in the
@@ -75,8 +80,8 @@ def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None
         return False
     if table is not None and stats.rate_source == "arrivals":
         b = backlog(table)
-        return (b.queue_growth - 3 * math.sqrt(b.queued_at_open + b.queued_at_close + 1) > QUEUE_SHARE * b.arrivals
-                or b.growth - 3 * math.sqrt(b.at_open + b.at_close + 1) > BACKLOG_SHARE * b.arrivals)
+        return (_grew(b.queued_at_open, b.queued_at_close, QUEUE_SHARE * b.arrivals)
+                or _grew(b.at_open, b.at_close, BACKLOG_SHARE * b.arrivals))
     if stats.lengths_mean is None or stats.output_tok_s_ci is None or stats.output_tok_s_ci[1] is None:
         return False
     ramp = 1.0
@@ -98,7 +103,7 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
     """What one decode probe says about a tier (None: it says nothing, the server failed, went
     away or hung during it)."""
     rec: ProbeRecord = probe.record
-    if rec.abort in SERVER_ABORTS or (rec.abort == "window_not_filled" and rec.load.replays_sessions):
+    if rec.abort in SERVER_ABORTS or rec.sessions_too_few:
         return None  # a session replay that did not fill its window: too few requests (sweep.sessions_stop)
     stats = rec.stats
     rate = stats.request_rate_rps

@@ -196,7 +196,7 @@ class _Run:
         is tried again when the sweep resumes (with the longer --max-probe-s its stop asked for),
         where it had made the resumed search end at once, as if done."""
         return {r.load.level for r in self.records if r.load.mode == mode and r.load.kind == kind
-                and not (r.abort == "window_not_filled" and r.load.replays_sessions)}
+                and not r.sessions_too_few}
 
     async def measure(self, mode: Mode, level: float, kind: Kind) -> ProbeRecord:
         load = _load(self.spec, mode, level, kind)
@@ -231,7 +231,7 @@ class _Run:
         requests, which says nothing about the server (an H200 at 8 sessions with a tenth of
         WildChat's think times sent 0.4 req/s, and no window filled in 60 s). Independent
         requests that cannot fill a window are slow: a sure fail, not this stop."""
-        if not (record.load.replays_sessions and record.abort == "window_not_filled"):
+        if not record.sessions_too_few:
             return None
         return "too_few_requests", (
             f"probe #{record.probe_index} ({record.load.mode} load {record.load.level:g}, sessions): "

@@ -161,14 +161,6 @@ class Backlog:
     queued_at_close: int
     arrivals: int
 
-    @property
-    def growth(self) -> int:
-        return self.at_close - self.at_open
-
-    @property
-    def queue_growth(self) -> int:
-        return self.queued_at_close - self.queued_at_open
-
 
 def backlog(table: RequestTable) -> Backlog:
     start = np.asarray(table.start_us, dtype=np.int64)
@@ -176,10 +168,12 @@ def backlog(table: RequestTable) -> Backlog:
     # Waiting ends with the first output chunk, or with the request's end where it had none.
     admitted = np.where(np.asarray(table.chunks) > 0, np.asarray(table.first_us, dtype=np.int64), end)
     w = table.window_us
-    return Backlog(at_open=int(((start <= 0) & (end > 0)).sum()), at_close=int(((start <= w) & (end > w)).sum()),
-                   queued_at_open=int(((start <= 0) & (admitted > 0)).sum()),
-                   queued_at_close=int(((start <= w) & (admitted > w)).sum()),
-                   arrivals=int(((start >= 0) & (start <= w)).sum()))
+
+    def held(until: np.ndarray, at: int) -> int:  # sent by `at` and not yet past `until`
+        return int(((start <= at) & (until > at)).sum())
+
+    return Backlog(at_open=held(end, 0), at_close=held(end, w), queued_at_open=held(admitted, 0),
+                   queued_at_close=held(admitted, w), arrivals=int(((start >= 0) & (start <= w)).sum()))
 
 
 # ------------------------------------------------------------------------------------ files
