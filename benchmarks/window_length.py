@@ -1,6 +1,7 @@
 """How long an open-loop window must be for its TPOT p90 to mean the long run's, offline.
 
     python benchmarks/window_length.py [--seeds N] [--horizon-s S] [--loads 0.6,0.9] [--windows 10,20,40]
+    python benchmarks/window_length.py --warmup [--seeds N] [--loads 0.8,0.9,0.95]
 
 The simulated engine (sim_setup.ENGINE) takes Poisson arrivals of the quick WildChat traffic at
 each `--loads` share of its saturation, from an empty engine, for `--horizon-s` per seed; every
@@ -10,6 +11,10 @@ interval (measure.intervals). Printed per load and W: the median (and, for TPOT,
 windows' p90 error against the long-run truth (sim_truth.open_loop_truth), and the share of
 intervals that hold the truth. Short windows err low: each window sees its own stretch of load,
 and the long run's p90 is over the mixture of them; near saturation that stretch is long.
+With `--warmup`, one 20 s window per run, opened as a probe would open it: when the first 16
+arrivals have ended (the rule before load.settle), once the server has settled (load.settle's rule,
+replayed on the run's requests), or after a minute (for reference); printed per load: the median
+opening time and the windows' p90 errors against the long run.
 No server runs; a few seconds of CPU per seed.
 """
 
@@ -25,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim_setup import CACHE, ENGINE, wildchat  # noqa: E402
 
+from pricing.load.settle import RECENT, SETTLE_E2E_P90S, e2e_p90_estimate_s  # noqa: E402
 from pricing.measure.intervals import percentile_interval  # noqa: E402
 from pricing.testing.sim_truth import closed_loop_truth, open_loop_requests, open_loop_truth  # noqa: E402
 
@@ -37,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon-s", type=float, default=1200.0)
     p.add_argument("--windows", default="10,20,40", help="window lengths in seconds")
     p.add_argument("--loads", default="0.6,0.9", help="arrival rates as shares of the closed-loop saturation")
+    p.add_argument("--warmup", action="store_true", help="windows opened by the warm-up rules instead")
     args = p.parse_args(argv)
+    if args.warmup:
+        return warmup_table(args.seeds, [float(x) for x in args.loads.split(",")])
     traffic = wildchat(True)
     saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
     print(f"{traffic.name}, Poisson arrivals, {args.seeds} runs of {args.horizon_s:g} s per load; "
@@ -68,6 +77,54 @@ def main(argv: list[str] | None = None) -> int:
             n = len(errors["tpot"])
             print(f"{share:>6.0%}{width:>7g}s{n:>9}{np.median(errors['tpot']):>+14.1%}{np.std(errors['tpot']):>7.1%}"
                   f"{covered['tpot'] / n:>9.0%}{np.median(errors['ttft']):>+14.1%}{covered['ttft'] / n:>9.0%}")
+    return 0
+
+
+def _window_p90s(r: dict, start: float, width: float) -> tuple[float, float]:
+    inside = (r["first_s"] >= start) & (r["first_s"] <= start + width)
+    multi = inside & (r["osl"] >= 2)
+    tpot = (r["end_s"] - r["first_s"])[multi] / (r["osl"][multi] - 1)
+    return float(np.percentile(tpot, 90)), float(np.percentile((r["first_s"] - r["arrive_s"])[inside], 90))
+
+
+def settle_time_s(r: dict, first_units: int = 16, step_s: float = 0.1) -> float:
+    """When load.settle's rule opens the window of this run (the first units ended, then at least
+    SETTLE_E2E_P90S estimated E2E p90s since the first arrival), replayed on its requests."""
+    t = float(r["end_s"][:first_units].max())  # arrival order
+    by_end = np.argsort(r["end_s"])
+    ends = r["end_s"][by_end]
+    while True:
+        latest = by_end[max(0, np.searchsorted(ends, t, "right") - RECENT):np.searchsorted(ends, t, "right")]
+        multi = latest[r["osl"][latest] >= 2]
+        estimate = e2e_p90_estimate_s((r["first_s"] - r["arrive_s"])[latest],
+                                      ((r["end_s"] - r["first_s"]) / np.maximum(1, r["osl"] - 1))[multi],
+                                      r["osl"][r["arrive_s"] <= t])
+        if estimate is not None and t - r["arrive_s"][0] >= SETTLE_E2E_P90S * estimate:
+            return t
+        t += step_s
+
+
+def warmup_table(seeds: int, loads: list[float], width: float = 20.0) -> int:
+    traffic = wildchat(True)
+    saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
+    print(f"{traffic.name}, Poisson arrivals from an empty engine, {seeds} runs per load, {width:g} s windows; "
+          f"saturation {saturation:.1f} req/s")
+    print(f"{'load':>6}  {'window opens':<22}{'at (median)':>12}{'TPOT p90 err':>14}{'TTFT p90 err':>14}")
+    for share in loads:
+        rate = round(share * saturation, 3)
+        truth = open_loop_truth(ENGINE, traffic.pairs, rate, seed=0, cache_dir=CACHE)
+        rows: dict[str, list[tuple[float, float, float]]] = {}
+        for seed in range(seeds):
+            offset = 5000 * seed + 3
+            pairs = traffic.pairs[offset:] + traffic.pairs[:offset]
+            r = open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=int(rate * 100))
+            for name, start in (("first 16 ended", float(r["end_s"][:16].max())), ("settled (load.settle)", settle_time_s(r)),
+                                ("after 60 s", 60.0)):
+                tpot, ttft = _window_p90s(r, start, width)
+                rows.setdefault(name, []).append((start, tpot / truth.tpot_s.p90 - 1, ttft / truth.ttft_s.p90 - 1))
+        for name, values in rows.items():
+            a = np.asarray(values)
+            print(f"{share:>6.0%}  {name:<22}{np.median(a[:, 0]):>11.1f}s{np.median(a[:, 1]):>+14.1%}{np.median(a[:, 2]):>+14.1%}")
     return 0
 
 

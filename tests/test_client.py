@@ -12,6 +12,7 @@ import pytest
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.load.event_loop import paused_gc
 from pricing.load.loops import OPEN_WARMUP_UNITS
+from pricing.load.settle import SETTLE_E2E_P90S, e2e_p90_estimate_s, settled
 from pricing.measure.probe import run_probe
 from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
@@ -53,7 +54,8 @@ async def test_measured_ttft_and_tpot_match_the_truth(mock_server, streams):
     assert result.stats.failed == 0 and result.aborted is None
     assert all(r.completion_tokens == 12 and r.prompt_tokens == 64 for r in inside)
 
-    did = [_timeline(mock.url)[r.response_id] for r in inside]
+    timeline = _timeline(mock.url)  # once: each fetch is every request the mock served
+    did = [timeline[r.response_id] for r in inside]
     served_ttft_ms = np.array([(d["chunk_ns"][0] - d["recv_ns"]) / 1e6 for d in did])
     served_tpot_ms = np.array([(d["chunk_ns"][-1] - d["chunk_ns"][0]) / 1e6 / 11 for d in did])
     client_ttft_err = np.array([ttft_s(r) * 1e3 for r in inside]) - served_ttft_ms
@@ -116,11 +118,36 @@ async def test_an_open_loops_window_opens_once_its_first_arrivals_have_all_ended
                              ProbePlan(min_window_s=2, min_requests=20))
     first = sorted(result.records, key=lambda r: r.start_ns)[:OPEN_WARMUP_UNITS]
     assert max(r.completion_tokens or 0 for r in first) == 150
-    assert result.window_start_ns == max(r.end_ns for r in first)
+    # The server had long settled (load.settle: 3 x 50 ms): the controller's next tick opens it.
+    assert 0 <= result.window_start_ns - max(r.end_ns for r in first) < 0.2e9
     in_window = [r for r in result.records if result.window_start_ns <= r.start_ns <= result.window_end_ns]
     assert result.stats.rate_source == "arrivals"
     window_s = (result.window_end_ns - result.window_start_ns) / 1e9
     assert result.stats.request_rate_rps == pytest.approx(len(in_window) / window_s, rel=0.02)
+
+
+async def test_an_open_loops_window_waits_until_the_server_has_filled(mock_server):
+    """Every answer takes 10 ms + 49 x 10 ms: the first 16 arrivals at 40 req/s have ended ~0.9 s
+    in, but the server fills for longer (load.settle): the window opens 3 E2E p90s (1.5 s) after
+    the first arrival."""
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.01, tpot_base_s=0.01)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=5)
+    result = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=40.0), itertools.repeat((16, 50)),
+                             ProbePlan(min_window_s=1, min_requests=20))
+    records = sorted(result.records, key=lambda r: r.start_ns)
+    e2e_s = float(np.median([(r.end_ns - r.start_ns) / 1e9 for r in records]))
+    assert 0.5 <= e2e_s < 0.6
+    opened_s = (result.window_start_ns - records[0].start_ns) / 1e9
+    first_ended_s = (max(r.end_ns for r in records[:OPEN_WARMUP_UNITS]) - records[0].start_ns) / 1e9
+    assert opened_s > first_ended_s + 0.3
+    assert SETTLE_E2E_P90S * 0.5 * 0.95 <= opened_s <= SETTLE_E2E_P90S * e2e_s + 0.3
+
+
+def test_settling_needs_answers_to_estimate_from_and_gives_up_at_its_cap():
+    assert e2e_p90_estimate_s([0.1] * 3, [0.01], [100]) is None  # too few answers yet
+    assert e2e_p90_estimate_s([0.1] * 4, [0.01, 0.03, 0.02], [11] * 9 + [1]) == pytest.approx(0.1 + 0.02 * 10)
+    assert not settled([], [100], elapsed_s=5.0, cap_s=10.0)
+    assert settled([], [100], elapsed_s=10.0, cap_s=10.0)
 
 
 async def test_chat_endpoint_ttft_waits_for_content_and_api_key_is_sent_not_stored(mock_server):

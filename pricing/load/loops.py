@@ -27,11 +27,13 @@ from pricing.load.client import (
 from pricing.load.read_stamps import reports_reads, stamped_connector
 from pricing.load.server_watch import (
     ServerWatch,
+    answers,
     backoff_s,
     describe,
     error_kind,
     is_connection_error,
 )
+from pricing.load.settle import SETTLE_CAP_SHARE, settled
 from pricing.schema import CANCELLED, AbortKind, LoadSpec, RequestRecord
 from pricing.workload.prompts import PromptFactory, PromptSource
 
@@ -77,6 +79,10 @@ class _RunState:
     fail_count: int = 0
     window_completions: int = 0
     in_flight: int = 0  # requests sent and not yet recorded
+    # Open loop (load.settle): first arrival, OSLs sent in warm-up, when the first units had ended.
+    first_sent_ns: int | None = None
+    sent_osl: list[int] = field(default_factory=list)
+    warmed_ns: int | None = None
     tail_pending: int = 0  # requests sent before the window closed that have not finished
     aborted: str | None = None
     abort: AbortKind | None = None
@@ -128,10 +134,9 @@ class _RunState:
 
 
 # An open loop's window opens once its first arrivals have all ended (those of its first 2 s,
-# 4 to 16 units): by then the server holds about as many requests as it will (the longest of 16
-# is near the p94 of E2E), so neither its flow nor its latencies still ramp up. Opened by the
-# first completion, an H200's windows held 2-23% fewer output tokens than their arrivals asked
-# for. Fewer at low rates, where the server holds few requests and 16 arrivals take long.
+# 4 to 16 units) and the server has filled (load.settle; sessions: once the first has ended).
+# Opened by the first completion, an H200's windows held 2-23% fewer output tokens than their
+# arrivals asked for. Fewer units at low rates, where 16 arrivals take long.
 OPEN_WARMUP_UNITS, OPEN_WARMUP_S, OPEN_WARMUP_MIN = 16, 2.0, 4
 KEEPALIVE_S = 2.0  # below the idle timeout of the servers we load (uvicorn's 5 s)
 
@@ -148,6 +153,10 @@ async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: Sto
             state.abort, state.aborted = gone
             state.stop.set()
             return
+        if state.window_start_ns is None and state.warmed_ns is not None and settled(
+                state.records, state.sent_osl, (now - (state.first_sent_ns or now)) / 1e9,
+                SETTLE_CAP_SHARE * plan.max_duration_s):
+            state.open_window(now)
         w0 = state.window_start_ns
         if w0 is not None and not opened:
             opened = True
@@ -215,6 +224,9 @@ class Link:
         state, watch = self.state, self.state.watch
         state.in_flight += 1
         sent_ns, token = self.clock(), next(self._tokens)
+        if state.window_start_ns is None:
+            state.sent_osl.append(osl)
+            state.first_sent_ns = state.first_sent_ns or sent_ns
         watch.sent(token, sent_ns)
         try:
             return await stream_request(self.session, self.cfg, prompt, isl, osl, self.clock, token_ids, watch.causes)
@@ -302,7 +314,7 @@ async def run_units(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if state.abort is None and watch.streak > 0 and not await _answers(session, cfg.base_url):
+        if state.abort is None and watch.streak > 0 and not await answers(session, cfg.base_url):
             # The server died as the probe ended (its last requests' connections failed): the
             # window's figures hold failures it caused, so the probe is measured again on resume.
             state.abort = "server_unreachable"
@@ -314,18 +326,6 @@ async def run_units(
     wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9 if state.prompts_taken else None
     return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, w1, state.aborted, state.abort, wait_s,
                    state.undecided_at_cap, dict(state.dropped_failures))
-
-
-ALIVE_CHECK_S = 2.0
-
-
-async def _answers(session: aiohttp.ClientSession, base_url: str) -> bool:
-    """Whether anything answers HTTP at `base_url` (any status: a 404 is a live server)."""
-    try:
-        async with session.get(f"{base_url.rstrip('/')}/health", timeout=aiohttp.ClientTimeout(total=ALIVE_CHECK_S)):
-            return True
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return False
 
 
 def _request_unit(link: Link, source: PromptSource, load: LoadSpec) -> Unit:
@@ -357,8 +357,6 @@ def _request_unit(link: Link, source: PromptSource, load: LoadSpec) -> Unit:
         return True
 
     return one
-
-
 
 
 def _start_closed_loop(state: _RunState, unit: Unit, seed: int) -> list[asyncio.Task]:
@@ -419,8 +417,10 @@ async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, c
 
     def warmed(rec: RequestRecord) -> None:
         warming[0] -= 1
-        if warming[0] == 0 and state.window_start_ns is None:
-            state.open_window(rec.end_ns)  # the last of the first units to end
+        if warming[0] == 0 and state.window_start_ns is None:  # the controller opens it once settled
+            state.warmed_ns = rec.end_ns
+            if load.sessions:
+                state.open_window(rec.end_ns)  # as the first session ends
 
     first_sink, later_sink = Sink(state.add, warmed), Sink(state.add, lambda rec: None)
 

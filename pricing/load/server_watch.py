@@ -9,6 +9,7 @@ its abort kind and a one-line reason naming the URL. Failures also set a worker'
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from dataclasses import dataclass, field
@@ -141,3 +142,15 @@ class ServerWatch:
         kinds = sorted(self.streak_kinds, key=lambda k: -self.streak_kinds[k])
         described = [self.causes[k] for k in kinds if k in self.causes]
         return "; ".join(dict.fromkeys(described)) or ", ".join(kinds)
+
+
+ALIVE_CHECK_S = 2.0
+
+
+async def answers(session: aiohttp.ClientSession, base_url: str) -> bool:
+    """Whether anything answers HTTP at `base_url` (any status: a 404 is a live server)."""
+    try:
+        async with session.get(f"{base_url.rstrip('/')}/health", timeout=aiohttp.ClientTimeout(total=ALIVE_CHECK_S)):
+            return True
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False
