@@ -182,3 +182,16 @@ def test_an_open_loop_window_short_of_arrivals_is_judged_on_what_it_holds(e2e_ms
         assert point.severity == pytest.approx(max(0.1 / 1.0, 0.01 / 0.05))  # make_probe's p90s over the limits
     closed = rec.model_copy(update={"load": LoadSpec(mode="closed", concurrency=4)})
     assert tier_point(SourcedProbe(closed, requests=table), tier).severity == BIG  # a slow server
+
+
+def test_an_open_loop_capacity_is_at_the_offered_rate_not_the_windows_count():
+    """10.5 arrivals a second counted in a window of Poisson arrivals at 10: the long run serves
+    10. Session turns follow their sessions, so their count stands."""
+    rec = make_probe(rps=10.5, window_s=20.0)
+    rec = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0),
+                                 "stats": rec.stats.model_copy(update={"rate_source": "arrivals"})})
+    tier = SloTier(name="Loose", ttft_s=1.0, tpot_s=0.05)
+    point = tier_point(SourcedProbe(rec), tier)
+    assert (point.level, point.rate_rps, point.rate_low, point.rate_high) == (10.0, 10.0, 10.0, 10.0)
+    sessions = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0, sessions=True)})
+    assert tier_point(SourcedProbe(sessions), tier).rate_rps == pytest.approx(10.5)

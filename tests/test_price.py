@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from pricing.capacity.choice import nearest_probe
 from pricing.cost.catalog import load_catalog
 from pricing.cost.price_rows import PricesFile, PricingParams, price_records
 from pricing.cost.seed_prices import seed_revenue_usd_s
@@ -355,3 +356,13 @@ def test_keep_going_skips_each_bad_record_with_one_line_and_prices_the_rest(tmp_
                       "enclosed in double quotes"]
     # The rest priced exactly as the clean file.
     assert out == run_cli(str(PROBES_FILE))[1]
+
+
+def test_energy_and_lengths_come_from_a_probe_that_measured_something():
+    """An unfilled window at the capacity's load (0 requests, 0 J) stands aside for the nearest
+    probe that measured: priced from it, Baseline's output cost 0 kWh per 1M tokens."""
+    empty = make_probe(rps=0.0, ttft=None, tpot=None, level=4, index=3, gpu="L4", energy_j=0.0)
+    empty = empty.model_copy(update={"abort": "window_not_filled"})
+    probes = [SourcedProbe(p, "f.jsonl", i + 1) for i, p in enumerate([empty, *config_b()])]
+    assert nearest_probe(probes, "closed", 4.0).line == 3  # config_b's c=4, not the empty one (line 1)
+    assert nearest_probe(probes[:1], "closed", 4.0).line == 1  # alone, it is all there is
