@@ -140,6 +140,8 @@ class PriceRow(Frozen):
     # The cached price as a share of the input price: measured from a prefill-only session replay
     # (cached_probe) beside the fresh prefill probe, or assumed (cost.split.ASSUMED_CACHED_FRACTION).
     cached_fraction: float | None = None
+    cached_fraction_low: float | None = None  # its 95% interval (None: unbounded)
+    cached_fraction_high: float | None = None
     cached_source: Literal["measured", "assumed"] | None = None
     cached_probe: str | None = None
     # Per request at capacity: input tokens the prefix cache served (part of mean_isl), that share
@@ -328,7 +330,7 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     power_w = energy.energy_j / stats.window_s if energy is not None and stats.window_s > 0 else None
     usd_per_kwh = catalog.regions[region].usd_per_kwh
     prefill_tok_s, prefill_ci = prefill_rate(prefill, warn) if prefill is not None else (None, (None, None))
-    share = cached_share(probes, prefill, closed.level if closed.kind != "none" else None)
+    share = cached_share(probes, prefill)
     hit, hit_warning = served_share(near)
     op = _Operating(cap.rate_rps, isl, osl, prefill_tok_s, power_w, cfg.gpu_count, hit * isl, share.fraction)
     at = _price_at_rate(rate, op, usd_per_kwh, params)
@@ -366,7 +368,8 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
         effective_hourly_cost_usd=at.effective_usd_h * n, cost_usd_per_request=at.cost_usd,
         input_usd_per_mtok=prices.input_usd_per_mtok, output_usd_per_mtok=prices.output_usd_per_mtok,
         cached_input_usd_per_mtok=prices.cached_input_usd_per_mtok, **bounds,
-        cached_fraction=share.fraction, cached_source=share.source, cached_probe=share.probe,
+        cached_fraction=share.fraction, cached_fraction_low=share.low, cached_fraction_high=share.high,
+        cached_source=share.source, cached_probe=share.probe,
         mean_cached_isl=hit * isl, cache_hit_frac=cache_hit_share(near.record.server_metrics),
         history_share=near.record.profile.history_share,
         recovering=per_mtok(at.recovering) if params.split == "seed" else None,

@@ -51,8 +51,12 @@ def _cell(row: PriceRow) -> str:
              f" /1M{star}"]
     if row.history_share is not None and row.mean_isl:
         served = (row.mean_cached_isl or 0.0) / row.mean_isl
+        fraction = f"{row.cached_fraction or 0:.0%}"
+        if row.cached_source == "measured":
+            low, high = row.cached_fraction_low, row.cached_fraction_high
+            fraction += f" [{'?' if low is None else f'{low:.0%}'}, {'?' if high is None else f'{high:.0%}'}]"
         lines.append(f"prefix cache served {served:.0%} of input (history {row.history_share:.0%}) · cached = "
-                     f"{row.cached_fraction or 0:.0%} of input price ({row.cached_source})")
+                     f"{fraction} of input price ({row.cached_source})")
     if row.capacity_rps is not None:
         at_least = "≥ " if row.capacity_lower_bound else ""
         interval = "" if row.capacity_lower_bound else " " + plus_minus(row.capacity_rps, row.capacity_rps_low,
