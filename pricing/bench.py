@@ -240,7 +240,7 @@ def _print_outcome(console: Console, outcome: SweepOutcome, tiers, out: Path) ->
     console.print(table)
     for warning in outcome.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
-    new = outcome.probes_run + outcome.open_probes_run
+    new = outcome.appended
     stopped = f"; stopped: {outcome.stopped}" if outcome.stopped and outcome.stop == "budget" else ""
     console.print(f"{new} new probe(s) appended to {out}{stopped}")
 

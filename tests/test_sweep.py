@@ -56,6 +56,7 @@ async def test_sweep_finds_the_mocks_known_capacity_then_the_open_loop_one(mock_
     assert closed.rate_low <= closed.rate_rps <= closed.rate_high
     records = read_records(out)
     assert len(records) == outcome.probes_run + outcome.open_probes_run + 1  # every probe recorded, and one prefill
+    assert outcome.appended == len(records)  # what bench says it appended, prefill included
     decode = [r for r in records if r.load.kind == "decode" and r.load.mode == "closed"]
     assert len(decode) == outcome.probes_run <= 10
     assert [r.load.level for r in records if r.load.kind == "prefill"] == [closed.level]

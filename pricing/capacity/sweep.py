@@ -95,6 +95,7 @@ class SweepOutcome(BaseModel):
     records: list[ProbeRecord]
     probes_run: int
     open_probes_run: int = 0
+    appended: int = 0  # probe lines this invocation wrote: decode, prefill and open-loop, failed ones too
     stop: StopKind | None = None  # why the sweep stopped early, if it did
     stopped: str | None = None  # the same, for people
     failed_probe: ProbeRecord | None = None  # the probe that stopped it with server_failed
@@ -187,6 +188,7 @@ class _Run:
         # A probe the server's failure cut short measured nothing: its load is probed again.
         self.records = [r for r in mine if server_failure(r) is None]
         self.next_index = max((r.probe_index for r in mine), default=-1) + 1
+        self.first_index = self.next_index  # probes appended by this invocation: next_index - first_index
         self.failed: ProbeRecord | None = None  # the probe during which the server failed
         for rec in self.records:
             events.probe_finished(rec, reused=True)
@@ -295,7 +297,8 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
             warnings += _confirmation_warnings(state.records, spec.tiers, rates, out_path)
     return SweepOutcome(closed=capacities(state.records, spec.tiers, "closed", out_path),
                         open=capacities(state.records, spec.tiers, "open", out_path), records=state.records,
-                        probes_run=run, open_probes_run=open_run, stop=stop, stopped=stopped, warnings=warnings,
+                        probes_run=run, open_probes_run=open_run, appended=state.next_index - state.first_index,
+                        stop=stop, stopped=stopped, warnings=warnings,
                         failed_probe=state.failed)
 
 
