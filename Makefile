@@ -39,7 +39,7 @@ $(QVENV)/.installed: requirements-quant.txt
 quant-env: $(QVENV)/.installed
 
 test: install quant-env
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not vllm"

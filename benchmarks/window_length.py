@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim_setup import CACHE, ENGINE, wildchat  # noqa: E402
 
-from pricing.load.settle import RECENT, SETTLE_E2E_P90S, e2e_p90_estimate_s  # noqa: E402
+from pricing.load.settle import RECENT, SETTLE_E2E_P90S, e2e_p90_estimate_s, overflowing  # noqa: E402
 from pricing.measure.intervals import percentile_interval  # noqa: E402
 from pricing.testing.sim_truth import closed_loop_truth, open_loop_requests, open_loop_truth  # noqa: E402
 
@@ -89,11 +89,21 @@ def _window_p90s(r: dict, start: float, width: float) -> tuple[float, float]:
 
 def settle_time_s(r: dict, first_units: int = 16, step_s: float = 0.1) -> float:
     """When load.settle's rule opens the window of this run (the first units ended, then at least
-    SETTLE_E2E_P90S estimated E2E p90s since the first arrival), replayed on its requests."""
+    SETTLE_E2E_P90S estimated E2E p90s since the first arrival, or at once if it overflows),
+    replayed on its requests."""
     t = float(r["end_s"][:first_units].max())  # arrival order
     by_end = np.argsort(r["end_s"])
     ends = r["end_s"][by_end]
+
+    def counts(at: float) -> tuple[int, int]:  # (in the server, arrived) at `at`
+        arrived = int(np.searchsorted(r["arrive_s"], at, "right"))
+        return arrived - int(np.searchsorted(ends, at, "right")), arrived
+
+    warmed = counts(t)
     while True:
+        now = counts(t)
+        if overflowing(now[0] - warmed[0], now[1] - warmed[1]):
+            return t
         latest = by_end[max(0, np.searchsorted(ends, t, "right") - RECENT):np.searchsorted(ends, t, "right")]
         multi = latest[r["osl"][latest] >= 2]
         estimate = e2e_p90_estimate_s((r["first_s"] - r["arrive_s"])[latest],

@@ -36,7 +36,7 @@ def test_attached_sweep_against_the_mock_writes_valid_resumable_jsonl(mock_serve
     mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.004, tpot_per_seq_s=0.001)))
     out = tmp_path / "mock_cpu.jsonl"
     args = ["--url", mock.url, "--profile", "fixed:64:16", "--gpu", "cpu", "--tier", "Baseline", "Fast",
-            "--min-window-s", "0.5", "--min-requests", "5", "--max-probes", "4", "--out", str(out)]
+            "--min-window-s", "0.5", "--min-requests", "5", "--max-probes", "4", "--max-open-probes", "2", "--out", str(out)]
     assert main(args) == 0
     first = read_records(out)
     assert len(first) >= 4 and {r.config.gpu_name for r in first} == {"cpu"}

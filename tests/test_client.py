@@ -11,6 +11,7 @@ import pytest
 
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.load.event_loop import paused_gc
+from pricing.load import settle
 from pricing.load.loops import OPEN_WARMUP_UNITS
 from pricing.load.settle import SETTLE_E2E_P90S, e2e_p90_estimate_s, settled
 from pricing.measure.probe import run_probe
@@ -148,6 +149,28 @@ def test_settling_needs_answers_to_estimate_from_and_gives_up_at_its_cap():
     assert e2e_p90_estimate_s([0.1] * 4, [0.01, 0.03, 0.02], [11] * 9 + [1]) == pytest.approx(0.1 + 0.02 * 10)
     assert not settled([], [100], elapsed_s=5.0, cap_s=10.0)
     assert settled([], [100], elapsed_s=10.0, cap_s=10.0)
+    # 80 more requests in the server over 100 arrivals (more than 70%): it overflows, do not wait
+    assert settled([], [100], elapsed_s=1.0, cap_s=10.0, grew=80, arrived=100)
+    assert not settled([], [100], elapsed_s=1.0, cap_s=10.0, grew=60, arrived=100)  # still filling, maybe
+    assert not settled([], [100], elapsed_s=1.0, cap_s=10.0, grew=80, arrived=90)  # too few to tell
+
+
+async def test_an_overloaded_open_loop_opens_its_window_without_waiting_to_settle(mock_server, monkeypatch):
+    """A batch without a cap slows every answer as it swells (4 ms + 1 ms per running request per
+    token): at 200 req/s of 20-token answers, 4x what it can serve, the E2E p90 estimate grows as
+    fast as time, so the settle rule alone would wait for its cap (all of max_duration_s here).
+    The requests in the server grow by most of the arrivals: the window opens soon after the
+    first units end."""
+    monkeypatch.setattr(settle, "SETTLE_CAP_SHARE", 1.0)
+    latency = LatencyModel(ttft_base_s=0.005, tpot_base_s=0.004, tpot_per_seq_s=0.001)
+    mock = mock_server(MockConfig(latency=latency))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=5)
+    result = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=200.0), itertools.repeat((16, 20)),
+                             ProbePlan(min_window_s=1, min_requests=20, max_duration_s=12))
+    records = sorted(result.records, key=lambda r: r.start_ns)
+    first_ended_ns = max(r.end_ns for r in records[:OPEN_WARMUP_UNITS])
+    assert result.window_start_ns - first_ended_ns < 1e9  # the cap: 8 s after the first arrival (4 windows)
+    assert result.window_start_ns - records[0].start_ns < 9e9
 
 
 async def test_chat_endpoint_ttft_waits_for_content_and_api_key_is_sent_not_stored(mock_server):

@@ -33,7 +33,7 @@ from pricing.load.server_watch import (
     error_kind,
     is_connection_error,
 )
-from pricing.load.settle import SETTLE_CAP_SHARE, settled
+from pricing.load.settle import settle_cap_s, settled
 from pricing.schema import CANCELLED, AbortKind, LoadSpec, RequestRecord
 from pricing.workload.prompts import PromptFactory, PromptSource
 
@@ -79,10 +79,10 @@ class _RunState:
     fail_count: int = 0
     window_completions: int = 0
     in_flight: int = 0  # requests sent and not yet recorded
-    # Open loop (load.settle): first arrival, OSLs sent in warm-up, when the first units had ended.
+    # Open loop (load.settle): first arrival, OSLs sent in warm-up, (in flight, sent) as the first units ended
     first_sent_ns: int | None = None
     sent_osl: list[int] = field(default_factory=list)
-    warmed_ns: int | None = None
+    warmed: tuple[int, int] | None = None
     tail_pending: int = 0  # requests sent before the window closed that have not finished
     aborted: str | None = None
     abort: AbortKind | None = None
@@ -153,9 +153,9 @@ async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: Sto
             state.abort, state.aborted = gone
             state.stop.set()
             return
-        if state.window_start_ns is None and state.warmed_ns is not None and settled(
-                state.records, state.sent_osl, (now - (state.first_sent_ns or now)) / 1e9,
-                SETTLE_CAP_SHARE * plan.max_duration_s):
+        if state.window_start_ns is None and state.warmed is not None and settled(
+                state.records, state.sent_osl, (now - (state.first_sent_ns or now)) / 1e9, settle_cap_s(plan),
+                grew=state.in_flight - state.warmed[0], arrived=len(state.sent_osl) - state.warmed[1]):
             state.open_window(now)
         w0 = state.window_start_ns
         if w0 is not None and not opened:
@@ -418,7 +418,7 @@ async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, c
     def warmed(rec: RequestRecord) -> None:
         warming[0] -= 1
         if warming[0] == 0 and state.window_start_ns is None:  # the controller opens it once settled
-            state.warmed_ns = rec.end_ns
+            state.warmed = (state.in_flight, len(state.sent_osl))
             if load.sessions:
                 state.open_window(rec.end_ns)  # as the first session ends
 

@@ -3,11 +3,12 @@
 Started empty, a server under Poisson arrivals fills for as long as its longest answers last (the
 requests in it grow like rate x E[min(E2E, t)]) and, near saturation, longer: a fuller batch slows
 every answer, which fills it further. A window opened while it still fills flatters the server.
-On the simulated engine (WildChat / 8, 16 runs per load: benchmarks/window_length.py --warmup) windows opened when the first 16 arrivals had ended (1.5 s) read TPOT p90 15% (90% of
-saturation) and 12% (95%) under the long run's; opened 2-4 steady E2E p90s later, 7-9%, about
-what windows read after a minute of settling (the rest is each window seeing its own stretch of
-load). On an H200 (FP8 8B, 92% of saturation) the requests in the server grew 23 -> 129 within
-one window that opened as the first arrivals ended.
+On the simulated engine (WildChat / 8, 16 runs per load: benchmarks/window_length.py --warmup)
+windows opened when the first 16 arrivals had ended (1.5 s) read TPOT p90 15% (90% of
+saturation) and 12% (95%) under the long run's; opened by this rule (3 estimated E2E p90s after
+the first arrival), 9.5% and 7.0%, near what windows read after a minute (the rest is each
+window seeing its own stretch of load). On an H200 (FP8 8B, 16.5 req/s, near saturation) a
+window opened as the first arrivals ended held 23-47 requests in the server; by this rule, 99.
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pricing.load.client import ProbePlan
 from pricing.schema import RequestRecord
 
 # The window opens once this many estimated steady E2E p90s have passed since the first arrival.
 SETTLE_E2E_P90S = 3.0
-# ... or this share of the probe's max_duration_s, so that the window still fits.
-SETTLE_CAP_SHARE = 0.4
+# ... or this share of the probe's max_duration_s, so that the window still fits, or this many of
+# its shortest windows: a server past its capacity never settles, and tests with 1 s windows
+# waited 120 s for each such probe.
+SETTLE_CAP_SHARE, SETTLE_CAP_WINDOWS = 0.4, 4.0
 RECENT = 64  # the latest answers stand for the server as it is now
-FEWEST = 4
-
+# A server whose requests grew by more than OVERFLOW_SHARE of the arrivals since the first units
+# ended completes under a third of what arrives: it overflows. On H200s (FP8 8B, WildChat, 37 open
+# probes, 4.4-25.8 req/s, saturation about 17.5) the first 100 arrivals after the first units
+# ended grew the count by at most 69% (at 24.8 req/s), 54% for the loads that kept up.
+OVERFLOW_SHARE, OVERFLOW_MIN_ARRIVALS = 0.7, 100
+FEWEST = 4  # answers to estimate from
 
 def e2e_p90_estimate_s(ttft_s: Sequence[float], per_token_s: Sequence[float], sent_osl: Sequence[int]) -> float | None:
     """The E2E p90 the requests sent so far (`sent_osl`) would have at the pace of the latest answers
@@ -36,9 +44,25 @@ def e2e_p90_estimate_s(ttft_s: Sequence[float], per_token_s: Sequence[float], se
     return float(np.median(ttft_s)) + float(np.median(per_token_s)) * max(0.0, float(np.percentile(sent_osl, 90)) - 1)
 
 
-def settled(records: Sequence[RequestRecord], sent_osl: Sequence[int], elapsed_s: float, cap_s: float) -> bool:
-    """Whether an open loop `elapsed_s` after its first arrival has filled its server (SETTLE_E2E_P90S)."""
-    if elapsed_s >= cap_s:
+def settle_cap_s(plan: ProbePlan) -> float:
+    """The longest an open loop waits for its server to fill (SETTLE_CAP_SHARE, SETTLE_CAP_WINDOWS)."""
+    return min(SETTLE_CAP_SHARE * plan.max_duration_s, SETTLE_CAP_WINDOWS * plan.min_window_s * plan.open_window_multiple)
+
+
+def overflowing(grew: int, arrived: int) -> bool:
+    """Whether the requests in the server grew by more than OVERFLOW_SHARE of the arrivals since the
+    first units ended: waiting for it to fill only makes its answers slower (a mock whose batch has
+    no cap never settled, each probe above it waiting out its cap). The window then opens at once;
+    capacity.choice.fell_behind judges it."""
+    return arrived >= OVERFLOW_MIN_ARRIVALS and grew > OVERFLOW_SHARE * arrived
+
+
+def settled(records: Sequence[RequestRecord], sent_osl: Sequence[int], elapsed_s: float, cap_s: float,
+            grew: int = 0, arrived: int = 0) -> bool:
+    """Whether an open loop `elapsed_s` after its first arrival has filled its server
+    (SETTLE_E2E_P90S), given up (`cap_s`), or overflows (`grew` requests in the server
+    more than when the first units had ended, `arrived` arrivals since)."""
+    if elapsed_s >= cap_s or overflowing(grew, arrived):
         return True
     recent = [r for r in records[-RECENT:] if r.ok and r.chunk_ns]
     ttft = [(r.chunk_ns[0] - r.start_ns) / 1e9 for r in recent]
