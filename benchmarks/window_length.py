@@ -21,6 +21,7 @@ No server runs; a few seconds of CPU per seed.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim_setup import CACHE, ENGINE, wildchat  # noqa: E402
 
-from pricing.load.settle import RECENT, SETTLE_E2E_P90S, e2e_p90_estimate_s, overflowing  # noqa: E402
+from pricing.load.settle import RECENT, has_settled  # noqa: E402
 from pricing.measure.intervals import percentile_interval  # noqa: E402
 from pricing.testing.sim_truth import closed_loop_truth, open_loop_requests, open_loop_truth  # noqa: E402
 
@@ -102,14 +103,12 @@ def settle_time_s(r: dict, first_units: int = 16, step_s: float = 0.1) -> float:
     warmed = counts(t)
     while True:
         now = counts(t)
-        if overflowing(now[0] - warmed[0], now[1] - warmed[1]):
-            return t
         latest = by_end[max(0, np.searchsorted(ends, t, "right") - RECENT):np.searchsorted(ends, t, "right")]
         multi = latest[r["osl"][latest] >= 2]
-        estimate = e2e_p90_estimate_s((r["first_s"] - r["arrive_s"])[latest],
-                                      ((r["end_s"] - r["first_s"]) / np.maximum(1, r["osl"] - 1))[multi],
-                                      r["osl"][r["arrive_s"] <= t])
-        if estimate is not None and t - r["arrive_s"][0] >= SETTLE_E2E_P90S * estimate:
+        if has_settled((r["first_s"] - r["arrive_s"])[latest],
+                       ((r["end_s"] - r["first_s"]) / np.maximum(1, r["osl"] - 1))[multi],
+                       r["osl"][r["arrive_s"] <= t], t - r["arrive_s"][0], math.inf,
+                       now[0] - warmed[0], now[1] - warmed[1]):
             return t
         t += step_s
 

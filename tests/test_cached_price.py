@@ -146,7 +146,7 @@ def test_the_cached_share_interval_follows_the_two_prefill_rates():
         update={"input_tok_s_ci": ci})}), p.file, p.line)
     probes[4] = with_ci(probes[4], (36_000.0, 44_000.0))  # fresh prefill
     probes[5] = with_ci(probes[5], (90_000.0, 110_000.0))  # the replay
-    share = cached_share(probes, probes[4])
+    share = cached_share(probes)
     assert share.source == "measured" and share.probe == "f.jsonl:6"
     assert share.low == pytest.approx((36_000 / 110_000 - 0.2) / 0.8)  # slow fresh, fast replay: cheapest
     assert share.high == pytest.approx((44_000 / 90_000 - 0.2) / 0.8)
@@ -161,7 +161,7 @@ def test_the_cached_share_comes_from_the_replay_at_the_highest_load_for_every_ti
                make_probe(rps=80.0, kind="prefill_cached", level=4, input_tok_s=40_000.0, index=7, sessions=True,
                           server_metrics={"prefix_cache_window_hit_frac": 0.8})]
     sourced = [SourcedProbe(p, "f.jsonl", i + 1) for i, p in enumerate(probes)]
-    assert cached_share(sourced, sourced[6]).fraction == pytest.approx(0.25)  # not the c=4 pair's 1.0
+    assert cached_share(sourced).fraction == pytest.approx(0.25)  # not the c=4 pair's 1.0
     rows = [row for row in price_records(probes, DEFAULT_TIERS, CATALOG) if row.feasible]
     assert len(rows) >= 2 and len({row.capacity_rps for row in rows}) >= 2  # tiers at different loads
     assert all(row.cached_fraction == pytest.approx(0.25) and row.cached_probe.endswith(":6") for row in rows)

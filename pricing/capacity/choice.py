@@ -106,19 +106,20 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
     if rec.abort in SERVER_ABORTS or rec.sessions_too_few:
         return None  # a session replay that did not fill its window: too few requests (sweep.sessions_stop)
     stats = rec.stats
-    rate = stats.request_rate_rps
-    rate_low, rate_high = stats.request_rate_rps_ci or (rate, rate)
     table = probe.table(warn) if rec.load.mode == "open" else None
-    if table is not None and stats.rate_source in ("flow", "offered"):
-        rate = rate_low = rate_high = arrival_rate(table)  # a record from before open loops counted arrivals
-    rate_low = rate if rate_low is None else rate_low
-    rate_high = rate if rate_high is None else rate_high
     if rec.load.mode == "open" and not rec.load.sessions and not rec.load.concurrency:
         # Independent arrivals at the offered rate, uncapped: a server that keeps up serves that
         # rate in the long run, and the window's count of them is it plus Poisson noise (+5% in
         # 20 s at 61 req/s put a simulated engine's open Baseline 9.6% above the truth; the
         # crossing's offered rate, 4.6%). Session turns follow their sessions, not the rate.
         rate = rate_low = rate_high = rec.load.level
+    else:
+        rate = stats.request_rate_rps
+        rate_low, rate_high = stats.request_rate_rps_ci or (rate, rate)
+        if table is not None and stats.rate_source in ("flow", "offered"):
+            rate = rate_low = rate_high = arrival_rate(table)  # a record from before open loops counted arrivals
+        rate_low = rate if rate_low is None else rate_low
+        rate_high = rate if rate_high is None else rate_high
     if rec.abort == "window_not_filled" and not _short_of_arrivals(rec, table):
         return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)  # a sure fail of every tier
     verdicts = slo_verdicts(stats, tier, tier_figures(probe, tier, warn))

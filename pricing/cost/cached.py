@@ -29,19 +29,18 @@ class CachedShare:
     warning: str | None = None
 
 
-def cached_share(probes: Sequence[SourcedProbe], prefill: SourcedProbe | None) -> CachedShare:
+def cached_share(probes: Sequence[SourcedProbe]) -> CachedShare:
     """From the `prefill_cached` probe at the highest closed-loop load and the fresh prefill probe
     nearest it (split.cached_fraction); assumed where either is missing or the server reported no
     cache hits. What a cached token costs beside a new one is the engine's, one figure for every
     tier, and measured only where the replay keeps the server busy: short cached prompts at a low
     load leave it waiting for its clients. On an H200 (FP8 8B) the replay at c=88 ran 84k prompt
     tok/s and read a cached token at 71% of a new one; at c=167 and c=522 (124k, 114k tok/s), 5%
-    and 2%. `prefill` (the tier's) stands in where no fresh probe ran at the replay's load."""
+    and 2%."""
     replays = [p for p in probes if p.record.load.kind == "prefill_cached" and p.record.load.mode == "closed"
                and p.record.stats.input_tok_s > 0]
     replay = max(replays, key=lambda p: p.record.load.level) if replays else None
-    if replay is not None:
-        prefill = pick_prefill(probes, replay.record.load.level) or prefill
+    prefill = pick_prefill(probes, replay.record.load.level) if replay is not None else None
     hit = cache_hit_share(replay.record.server_metrics) if replay is not None else None
     if replay is None or prefill is None or not hit:
         why = ("no prefill-only session replay (load.kind prefill_cached) for this config" if replay is None else

@@ -330,7 +330,7 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
     power_w = energy.energy_j / stats.window_s if energy is not None and stats.window_s > 0 else None
     usd_per_kwh = catalog.regions[region].usd_per_kwh
     prefill_tok_s, prefill_ci = prefill_rate(prefill, warn) if prefill is not None else (None, (None, None))
-    share = cached_share(probes, prefill)
+    share = cached_share(probes)
     hit, hit_warning = served_share(near)
     op = _Operating(cap.rate_rps, isl, osl, prefill_tok_s, power_w, cfg.gpu_count, hit * isl, share.fraction)
     at = _price_at_rate(rate, op, usd_per_kwh, params)

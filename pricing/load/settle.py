@@ -34,6 +34,7 @@ RECENT = 64  # the latest answers stand for the server as it is now
 OVERFLOW_SHARE, OVERFLOW_MIN_ARRIVALS = 0.7, 100
 FEWEST = 4  # answers to estimate from
 
+
 def e2e_p90_estimate_s(ttft_s: Sequence[float], per_token_s: Sequence[float], sent_osl: Sequence[int]) -> float | None:
     """The E2E p90 the requests sent so far (`sent_osl`) would have at the pace of the latest answers
     (their TTFT, and their time per output token after the first): median TTFT plus median time per
@@ -57,15 +58,22 @@ def overflowing(grew: int, arrived: int) -> bool:
     return arrived >= OVERFLOW_MIN_ARRIVALS and grew > OVERFLOW_SHARE * arrived
 
 
-def settled(records: Sequence[RequestRecord], sent_osl: Sequence[int], elapsed_s: float, cap_s: float,
-            grew: int = 0, arrived: int = 0) -> bool:
+def has_settled(ttft_s: Sequence[float], per_token_s: Sequence[float], sent_osl: Sequence[int], elapsed_s: float,
+                cap_s: float, grew: int, arrived: int) -> bool:
     """Whether an open loop `elapsed_s` after its first arrival has filled its server
-    (SETTLE_E2E_P90S), given up (`cap_s`), or overflows (`grew` requests in the server
-    more than when the first units had ended, `arrived` arrivals since)."""
+    (SETTLE_E2E_P90S, from the latest answers' TTFT and time per token), given up (`cap_s`), or
+    overflows (`grew` requests in the server more than when the first units had ended, `arrived`
+    arrivals since). benchmarks/window_length.py replays it on simulated runs."""
     if elapsed_s >= cap_s or overflowing(grew, arrived):
         return True
+    estimate = e2e_p90_estimate_s(ttft_s, per_token_s, sent_osl)
+    return estimate is not None and elapsed_s >= SETTLE_E2E_P90S * estimate
+
+
+def settled(records: Sequence[RequestRecord], sent_osl: Sequence[int], elapsed_s: float, cap_s: float,
+            grew: int = 0, arrived: int = 0) -> bool:
+    """has_settled, read from the probe's latest RECENT records."""
     recent = [r for r in records[-RECENT:] if r.ok and r.chunk_ns]
     ttft = [(r.chunk_ns[0] - r.start_ns) / 1e9 for r in recent]
     per_token = [(r.end_ns - r.chunk_ns[0]) / 1e9 / (r.target_output_tokens - 1) for r in recent if r.target_output_tokens >= 2]
-    estimate = e2e_p90_estimate_s(ttft, per_token, sent_osl)
-    return estimate is not None and elapsed_s >= SETTLE_E2E_P90S * estimate
+    return has_settled(ttft, per_token, sent_osl, elapsed_s, cap_s, grew, arrived)
