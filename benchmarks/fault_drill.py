@@ -52,12 +52,13 @@ class DrillResult:
     problems: list[str] = field(default_factory=list)
 
 
-def _bench_args(url: str | None, out: Path, models_dir: Path, start: int, min_window_s: float) -> list[str]:
+def _bench_args(url: str | None, out: Path, models_dir: Path, start: int, min_window_s: float,
+                max_probes: int = 8, max_open_probes: int = 2) -> list[str]:
     serve = ["--url", url] if url else ["--model", "tiny-llama", "--max-model-len", "1024",
                                         "--models-dir", str(models_dir)]
     return [sys.executable, "-m", "pricing.bench", *serve, "--gpu", "cpu", "--profile", "fixed:256:32",
             "--tier", "Baseline", "--min-window-s", f"{min_window_s:g}", "--min-requests", "5", "--start", str(start),
-            "--max-probes", "8", "--max-open-probes", "2", "--out", str(out)]
+            "--max-probes", str(max_probes), "--max-open-probes", str(max_open_probes), "--out", str(out)]
 
 
 def _lines(path: Path) -> list[dict]:
@@ -182,18 +183,19 @@ def _level(rec: dict) -> float:
 
 def drill_mock(work: Path, kill_probe: int = 5, kill_after_s: float = 1.0, start: int = 1, min_window_s: float = 3.0,
                max_detect_s: float = 10.0, max_rss_mb: float = 1024.0, rerun: bool = True,
-               bench_timeout_s: float = 120.0, bench_repo: Path = REPO) -> DrillResult:
+               bench_timeout_s: float = 120.0, bench_repo: Path = REPO, max_probes: int = 8,
+               max_open_probes: int = 2) -> DrillResult:
     """The mock, attached with --url: killed mid-probe, then a fresh mock for the rerun."""
     out = work / "mock_drill.jsonl"
     with MockServerProcess(MockConfig(latency=MOCK_LATENCY)) as mock:
-        bench = _Bench(_bench_args(mock.url, out, work / "models", start, min_window_s), bench_repo)
+        bench = _Bench(_bench_args(mock.url, out, work / "models", start, min_window_s, max_probes, max_open_probes), bench_repo)
         killed_at, kept = _kill_when(bench, out, kill_probe, kill_after_s, mock.proc.kill)  # type: ignore[union-attr]
         code = bench.wait(bench_timeout_s)
         url = mock.url
     result = _result("mock", bench, code, killed_at, kept, out)
     if rerun and code is not None:
         with MockServerProcess(MockConfig(latency=MOCK_LATENCY)) as fresh:
-            again = _Bench(_bench_args(fresh.url, out, work / "models", start, min_window_s), bench_repo)
+            again = _Bench(_bench_args(fresh.url, out, work / "models", start, min_window_s, max_probes, max_open_probes), bench_repo)
             result.rerun_exit_code = again.wait(300)
         result.rerun_lines = _lines(out)
     _check(result, url, max_detect_s, max_rss_mb)

@@ -27,15 +27,17 @@ def _report(result) -> str:
 
 
 def test_mock_killed_mid_probe(tmp_path):
-    # A 2 s window and the kill 0.5 s into the probe: it lands in the probe, not in its tail.
-    result = fault_drill.drill_mock(tmp_path, min_window_s=2.0, kill_after_s=0.5, max_detect_s=MAX_DETECT_S,
-                                    max_rss_mb=MAX_RSS_MB)
+    # A 2 s window and the kill 0.5 s into the third probe: it lands in the probe, not in its tail;
+    # 5 decode probes and an open one leave the rerun work to do.
+    result = fault_drill.drill_mock(tmp_path, kill_probe=3, min_window_s=2.0, kill_after_s=0.5,
+                                    max_detect_s=MAX_DETECT_S, max_rss_mb=MAX_RSS_MB, max_probes=5,
+                                    max_open_probes=1)
     print(_report(result))
     assert not result.problems, result.problems
     # What _check holds, restated where it can be read: one line, the URL, the cause, exit 1.
     assert result.exit_code == 1 and result.detect_s is not None and result.detect_s <= MAX_DETECT_S
     assert " unreachable: " in result.error_line and "rerun the same command" in result.error_line
-    assert result.kept_before_kill == 4 and len(result.rerun_lines) > len(result.lines_after) == 5
+    assert result.kept_before_kill == 2 and len(result.rerun_lines) > len(result.lines_after) == 3
 
 
 @pytest.mark.vllm

@@ -417,7 +417,9 @@ async def test_probe_scrapes_before_polls_and_after(serve_metrics) -> None:
         result = await probe.stop()
     assert result is not None
     assert result["generation_tokens"] == 144
-    assert result["scrapes"] >= 3 and result["scrapes"] == server.hits
+    # Every scrape counted reached the server; a poll in flight when stop() cancels it reaches
+    # the server but is not counted.
+    assert result["scrapes"] >= 3 and server.hits - 1 <= result["scrapes"] <= server.hits
 
 
 async def test_missing_metrics_give_none(serve_metrics, caplog: pytest.LogCaptureFixture) -> None:
