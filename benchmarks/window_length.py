@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim_setup import CACHE, ENGINE, wildchat  # noqa: E402
 
-from pricing.load.settle import RECENT, has_settled  # noqa: E402
+from pricing.load.settle import RECENT, has_settled, request_shapes  # noqa: E402
 from pricing.measure.intervals import percentile_interval  # noqa: E402
 from pricing.testing.sim_truth import closed_loop_truth, open_loop_requests, open_loop_truth  # noqa: E402
 
@@ -107,7 +107,7 @@ def settle_time_s(r: dict, first_units: int = 16, step_s: float = 0.1) -> float:
         multi = latest[r["osl"][latest] >= 2]
         if has_settled((r["first_s"] - r["arrive_s"])[latest],
                        ((r["end_s"] - r["first_s"]) / np.maximum(1, r["osl"] - 1))[multi],
-                       r["osl"][r["arrive_s"] <= t], t - r["arrive_s"][0], math.inf,
+                       request_shapes(r["osl"][r["arrive_s"] <= t]), t - r["arrive_s"][0], math.inf,
                        now[0] - warmed[0], now[1] - warmed[1]):
             return t
         t += step_s

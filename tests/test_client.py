@@ -13,7 +13,7 @@ from pricing.load.client import ClientConfig, ProbePlan
 from pricing.load.event_loop import paused_gc
 from pricing.load import settle
 from pricing.load.loops import OPEN_WARMUP_UNITS
-from pricing.load.settle import SETTLE_E2E_P90S, e2e_p90_estimate_s, settled
+from pricing.load.settle import SETTLE_E2E_P90S, UnitShape, e2e_p90_estimate_s, request_shapes, settled
 from pricing.measure.probe import run_probe
 from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
@@ -145,14 +145,17 @@ async def test_an_open_loops_window_waits_until_the_server_has_filled(mock_serve
 
 
 def test_settling_needs_answers_to_estimate_from_and_gives_up_at_its_cap():
-    assert e2e_p90_estimate_s([0.1] * 3, [0.01], [100]) is None  # too few answers yet
-    assert e2e_p90_estimate_s([0.1] * 4, [0.01, 0.03, 0.02], [11] * 9 + [1]) == pytest.approx(0.1 + 0.02 * 10)
-    assert not settled([], [100], elapsed_s=5.0, cap_s=10.0)
-    assert settled([], [100], elapsed_s=10.0, cap_s=10.0)
+    one = request_shapes([100])
+    assert e2e_p90_estimate_s([0.1] * 3, [0.01], one) is None  # too few answers yet
+    assert e2e_p90_estimate_s([0.1] * 4, [0.01, 0.03, 0.02], request_shapes([11] * 9 + [1])) == pytest.approx(0.1 + 0.02 * 10)
+    # A chat session lasts all its turns and think times: 3 x 0.1 + 30 x 0.02 + 4 s.
+    assert e2e_p90_estimate_s([0.1] * 4, [0.02], [UnitShape(3, 30, 4.0)]) == pytest.approx(4.9)
+    assert not settled([], one, elapsed_s=5.0, cap_s=10.0)
+    assert settled([], one, elapsed_s=10.0, cap_s=10.0)
     # 80 more requests in the server over 100 arrivals (more than 70%): it overflows, do not wait
-    assert settled([], [100], elapsed_s=1.0, cap_s=10.0, grew=80, arrived=100)
-    assert not settled([], [100], elapsed_s=1.0, cap_s=10.0, grew=60, arrived=100)  # still filling, maybe
-    assert not settled([], [100], elapsed_s=1.0, cap_s=10.0, grew=80, arrived=90)  # too few to tell
+    assert settled([], one, elapsed_s=1.0, cap_s=10.0, grew=80, arrived=100)
+    assert not settled([], one, elapsed_s=1.0, cap_s=10.0, grew=60, arrived=100)  # still filling, maybe
+    assert not settled([], one, elapsed_s=1.0, cap_s=10.0, grew=80, arrived=90)  # too few to tell
 
 
 async def test_an_overloaded_open_loop_opens_its_window_without_waiting_to_settle(mock_server, monkeypatch):

@@ -202,3 +202,24 @@ async def test_a_closed_loop_of_sessions_opens_its_window_without_waiting_for_th
     assert (result.window_start_ns - t0) / 1e9 < 1.0, "the window waited for the long session"
     # The long session was still under way: its later turns (prompts of 40+ tokens) come after.
     assert any(r.start_ns > result.window_start_ns for r in result.records if (r.prompt_tokens or 0) > 40)
+
+
+async def test_an_open_loop_of_sessions_opens_its_window_once_the_server_has_filled(mock_server):
+    """Half the sessions are one 5-token turn (~60 ms), half four 20-token turns 0.3 s apart
+    (~1.75 s at 10 ms a token): the first session ends at once, but the server holds fewer long
+    sessions than it will until they have had time to pile up (load.settle): the window opens
+    3 p90 session lengths (~5.3 s) after the first arrival, and then counts the offered rate."""
+    from pricing.load.settle import SETTLE_E2E_P90S
+
+    short = (SessionTurn(10, 5, 0.0),)
+    long = (SessionTurn(10, 20, 0.0),) + tuple(SessionTurn(5, 20, 0.3) for _ in range(3))
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.01, tpot_base_s=0.01)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=3)
+    load = LoadSpec(mode="open", request_rate_rps=25.0, sessions=True, think_scale=1.0)
+    result = await run_probe(cfg, load, SessionTraffic([short, long], seed=3), ProbePlan(min_window_s=1.5, min_requests=20))
+    assert result.aborted is None
+    records = sorted(result.records, key=lambda r: r.start_ns)
+    opened_s = (result.window_start_ns - records[0].start_ns) / 1e9
+    long_s = 0.01 * 4 + 0.01 * 19 * 4 + 0.9
+    assert SETTLE_E2E_P90S * long_s * 0.95 <= opened_s <= SETTLE_E2E_P90S * long_s * 1.15 + 0.3, opened_s
+    assert result.stats.request_rate_rps == pytest.approx(25.0, rel=0.2)

@@ -10,7 +10,7 @@ import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
@@ -31,13 +31,12 @@ from pricing.load.server_watch import (
     backoff_s,
     describe,
     error_kind,
-    is_connection_error,
 )
-from pricing.load.settle import settle_cap_s, settled
-from pricing.schema import CANCELLED, AbortKind, LoadSpec, RequestRecord
+from pricing.load.run_state import LoadRun, OnRecord, RunState
+from pricing.load.settle import UnitShape, settle_cap_s, settled
+from pricing.schema import CANCELLED, LoadSpec, RequestRecord
 from pricing.workload.prompts import PromptFactory, PromptSource
 
-OnRecord = Callable[[RequestRecord], None]
 READ_BUFSIZE = 64 * 2**20
 
 
@@ -49,99 +48,15 @@ WindowMark = Callable[[Literal["open", "close"], int], None]
 STOP_RULE_EVERY_S = 1.0
 
 
-@dataclass
-class LoadRun:
-    """What driving one load level produced: raw records and the window; statistics are measure's."""
-
-    records: list[RequestRecord]
-    window_start_ns: int
-    window_end_ns: int  # when the window closed; records go on to the end of the tail
-    aborted: str | None = None  # why the probe stopped early, for people
-    abort: AbortKind | None = None  # the same, for code
-    prompt_wait_s: float | None = None  # mean wait per in-window request for its prompt (None: none taken)
-    undecided_at_cap: bool = False  # the stop rule never said decided before max_duration_s
-    # Failed requests started in the window that were counted, not kept (ProbePlan.max_kept_failures).
-    dropped_failures: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class _RunState:
-    plan: ProbePlan
-    load: LoadSpec
-    on_record: OnRecord | None
-    watch: ServerWatch
-    records: list[RequestRecord] = field(default_factory=list)
-    window_start_ns: int | None = None
-    window_end_ns: int | None = None
-    window_target_s: float = 0.0
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    ok_count: int = 0
-    fail_count: int = 0
-    window_completions: int = 0
-    in_flight: int = 0  # requests sent and not yet recorded
-    # Open loop (load.settle): first arrival, OSLs sent in warm-up, (in flight, sent) as the first units ended
-    first_sent_ns: int | None = None
-    sent_osl: list[int] = field(default_factory=list)
-    warmed: tuple[int, int] | None = None
-    tail_pending: int = 0  # requests sent before the window closed that have not finished
-    aborted: str | None = None
-    abort: AbortKind | None = None
-    undecided_at_cap: bool = False
-    prompt_wait_ns: int = 0  # in the window, summed over requests: time spent waiting for a prompt
-    prompts_taken: int = 0  # in the window
-    dropped_failures: dict[str, int] = field(default_factory=dict)  # in the window, by kind, not kept
-
-    def add(self, rec: RequestRecord) -> None:
-        self.watch.finished(rec)
-        failed = not rec.ok and rec.error != CANCELLED
-        if failed:
-            self.fail_count += 1
-        if failed and self.fail_count > self.plan.max_kept_failures:
-            if self._in_window(rec.start_ns):
-                self.dropped_failures[rec.error] = self.dropped_failures.get(rec.error, 0) + 1  # type: ignore[index]
-        else:
-            self.records.append(rec)
-        if rec.ok:
-            self.ok_count += 1
-            # Anything added before the window opened also started before it: no recount needed.
-            if self.window_start_ns is not None and rec.start_ns >= self.window_start_ns:
-                self.window_completions += 1
-        elif failed and self.ok_count == 0 and self.fail_count >= self.plan.fail_fast_after:
-            if is_connection_error(rec.error):
-                self.abort = "server_unreachable"
-                self.aborted = (f"server {self.watch.url} unreachable: {self.watch.cause()} (its first "
-                                f"{self.fail_count} requests failed); is the server running?")
-            else:
-                self.abort = "server_failing"
-                self.aborted = (f"first {self.fail_count} requests to {self.watch.url} failed ({rec.error}); "
-                                "is the server healthy?")
-            self.stop.set()
-        if self.on_record is not None:
-            self.on_record(rec)
-
-    def _in_window(self, start_ns: int) -> bool:
-        """Started in the window (measure.requests.cohort counts such failures)."""
-        w0, w1 = self.window_start_ns, self.window_end_ns
-        return w0 is not None and start_ns >= w0 and (w1 is None or start_ns <= w1)
-
-    def open_window(self, now_ns: int) -> None:
-        """Warm-up is over: the window's length follows from how long warm-up requests took."""
-        self.window_start_ns = now_ns
-        e2e = [(r.end_ns - r.start_ns) / 1e9 for r in self.records if r.ok]
-        p90 = float(np.percentile(e2e, 90)) if e2e else 0.0
-        shortest = self.plan.min_window_s * (self.plan.open_window_multiple if self.load.mode == "open" else 1.0)
-        self.window_target_s = max(shortest, self.plan.window_e2e_multiple * p90)
-
-
 # An open loop's window opens once its first arrivals have all ended (those of its first 2 s,
-# 4 to 16 units) and the server has filled (load.settle; sessions: once the first has ended).
+# 4 to 16 units; sessions: the first) and the server has filled (load.settle).
 # Opened by the first completion, an H200's windows held 2-23% fewer output tokens than their
 # arrivals asked for. Fewer units at low rates, where 16 arrivals take long.
 OPEN_WARMUP_UNITS, OPEN_WARMUP_S, OPEN_WARMUP_MIN = 16, 2.0, 4
 KEEPALIVE_S = 2.0  # below the idle timeout of the servers we load (uvicorn's 5 s)
 
 
-async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: StopRule | None,
+async def _controller(state: RunState, clock: Callable[[], int], stop_rule: StopRule | None,
                       mark: WindowMark | None) -> None:
     """Opens nothing (the load does that at the end of warm-up); closes the window once it is full
     and decided, then ends the probe when the window's requests have finished (or the tail's cap)."""
@@ -154,8 +69,8 @@ async def _controller(state: _RunState, clock: Callable[[], int], stop_rule: Sto
             state.stop.set()
             return
         if state.window_start_ns is None and state.warmed is not None and settled(
-                state.records, state.sent_osl, (now - (state.first_sent_ns or now)) / 1e9, settle_cap_s(plan),
-                grew=state.in_flight - state.warmed[0], arrived=len(state.sent_osl) - state.warmed[1]):
+                state.records, state.sent_units, (now - (state.first_sent_ns or now)) / 1e9, settle_cap_s(plan),
+                grew=state.in_flight - state.warmed[0], arrived=state.sent_requests - state.warmed[1]):
             state.open_window(now)
         w0 = state.window_start_ns
         if w0 is not None and not opened:
@@ -215,7 +130,7 @@ class Link:
     """One probe's HTTP session, in-flight accounting and server watch: every request of a unit
     goes through it."""
 
-    def __init__(self, session: aiohttp.ClientSession, cfg: ClientConfig, state: _RunState,
+    def __init__(self, session: aiohttp.ClientSession, cfg: ClientConfig, state: RunState,
                  clock: Callable[[], int]) -> None:
         self.session, self.cfg, self.state, self.clock = session, cfg, state, clock
         self._tokens = itertools.count()
@@ -225,7 +140,7 @@ class Link:
         state.in_flight += 1
         sent_ns, token = self.clock(), next(self._tokens)
         if state.window_start_ns is None:
-            state.sent_osl.append(osl)
+            state.sent_requests += 1
             state.first_sent_ns = state.first_sent_ns or sent_ns
         watch.sent(token, sent_ns)
         try:
@@ -235,6 +150,11 @@ class Link:
             state.in_flight -= 1
             if state.window_end_ns is not None and sent_ns <= state.window_end_ns:
                 state.tail_pending -= 1
+
+    def planned(self, shape: UnitShape) -> None:
+        """A unit starts: what it will ask, for load.settle's estimate (before the window only)."""
+        if self.state.window_start_ns is None:
+            self.state.sent_units.append(shape)
 
     def failed(self, isl: int, osl: int, error: str) -> RequestRecord:
         """A request that could not be sent, as a record of its error."""
@@ -289,7 +209,7 @@ async def run_units(
     """
     plan = plan or ProbePlan()
     watch = ServerWatch(cfg.base_url, plan.unreachable_after_s, plan.server_stall_s)
-    state = _RunState(plan=plan, load=load, on_record=on_record, watch=watch)
+    state = RunState(plan=plan, load=load, on_record=on_record, watch=watch)
     limit = load.concurrency or 0
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_read=cfg.stall_timeout_s)
     # Idle connections go before the server drops them (vLLM's uvicorn: 5 s; aiohttp keeps them
@@ -340,6 +260,7 @@ def _request_unit(link: Link, source: PromptSource, load: LoadSpec) -> Unit:
             state.prompt_wait_ns += clock() - asked_ns
             state.prompts_taken += 1
         osl = 1 if load.prefill_only else max(1, round(osl * osl_fraction))
+        link.planned(UnitShape(1, osl - 1))
         if isinstance(prompt, (aiohttp.ClientError, asyncio.TimeoutError)):
             kind = f"prompt_{error_kind(prompt)}"  # the server's /detokenize failed
             state.watch.causes[kind] = describe(prompt)
@@ -359,7 +280,7 @@ def _request_unit(link: Link, source: PromptSource, load: LoadSpec) -> Unit:
     return one
 
 
-def _start_closed_loop(state: _RunState, unit: Unit, seed: int) -> list[asyncio.Task]:
+def _start_closed_loop(state: RunState, unit: Unit, seed: int) -> list[asyncio.Task]:
     n = state.load.concurrency or 1
     first_done: list[int | None] = [None] * n
     # Sessions: the window opens once as many sessions have ended as there are workers, not when
@@ -405,7 +326,7 @@ def _start_closed_loop(state: _RunState, unit: Unit, seed: int) -> list[asyncio.
     return [asyncio.create_task(worker(i)) for i in range(n)]
 
 
-async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, clock) -> None:
+async def _open_loop(state: RunState, unit: Unit, rate_rps: float, seed: int, clock) -> None:
     """Poisson/gamma arrivals of units; at most `concurrency` in progress (later ones wait for a slot)."""
     load = state.load
     slots = asyncio.Semaphore(load.concurrency) if load.concurrency else None
@@ -418,9 +339,7 @@ async def _open_loop(state: _RunState, unit: Unit, rate_rps: float, seed: int, c
     def warmed(rec: RequestRecord) -> None:
         warming[0] -= 1
         if warming[0] == 0 and state.window_start_ns is None:  # the controller opens it once settled
-            state.warmed = (state.in_flight, len(state.sent_osl))
-            if load.sessions:
-                state.open_window(rec.end_ns)  # as the first session ends
+            state.warmed = (state.in_flight, state.sent_requests)
 
     first_sink, later_sink = Sink(state.add, warmed), Sink(state.add, lambda rec: None)
 

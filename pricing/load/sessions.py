@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pricing.load.client import ClientConfig, ProbePlan
-from pricing.load.loops import Link, LoadRun, OnRecord, Sink, StopRule, Unit, WindowMark, run_units
+from pricing.load.loops import Link, Sink, StopRule, Unit, WindowMark, run_units
+from pricing.load.run_state import LoadRun, OnRecord
+from pricing.load.settle import UnitShape
 from pricing.schema import CANCELLED, LoadSpec
 from pricing.workload.prompts import PromptFactory
 from pricing.workload.sessions import SessionTurn, prompt_tokens
@@ -90,15 +92,21 @@ def session_unit(link: Link, load: LoadSpec, sessions: Iterator[Sequence[Session
     def new_ids(n: int) -> list[int]:
         return random_ids(n) if n > 0 else []
 
+    def osl_of(turn: SessionTurn, fraction: float) -> int:
+        return 1 if prefill_only else max(1, round(turn.output_tokens * fraction))
+
     async def play(sink: Sink, osl_fraction: float, rng: np.random.Generator) -> bool:
         history: list[int] = []
         rec = None
-        for k, turn in enumerate(next(sessions)):
+        turns = next(sessions)
+        link.planned(UnitShape(len(turns), sum(osl_of(t, osl_fraction if k == 0 else 1.0) - 1 for k, t in enumerate(turns)),
+                               load.think_scale * sum(t.think_s for t in turns[1:])))
+        for k, turn in enumerate(turns):
             pause_s = turn.think_s * load.think_scale if k else 0.0
             if pause_s > 0:
                 await asyncio.sleep(pause_s)
             prompt = history + new_ids(turn.new_input_tokens)
-            osl = 1 if prefill_only else max(1, round(turn.output_tokens * (osl_fraction if k == 0 else 1.0)))
+            osl = osl_of(turn, osl_fraction if k == 0 else 1.0)
             reply = await link.send(prompt, len(prompt), osl, token_ids=True)
             rec = reply.record
             if rec.ok and not reply.token_ids:

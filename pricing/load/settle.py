@@ -9,11 +9,16 @@ saturation) and 12% (95%) under the long run's; opened by this rule (3 estimated
 the first arrival), 9.5% and 7.0%, near what windows read after a minute (the rest is each
 window seeing its own stretch of load). On an H200 (FP8 8B, 16.5 req/s, near saturation) a
 window opened as the first arrivals ended held 23-47 requests in the server; by this rule, 99.
+
+A unit is one request or one chat session (load.sessions): a session fills the server for as long
+as all its turns and the think times between them last, so its duration is estimated the same way,
+turn by turn.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,14 +40,28 @@ OVERFLOW_SHARE, OVERFLOW_MIN_ARRIVALS = 0.7, 100
 FEWEST = 4  # answers to estimate from
 
 
-def e2e_p90_estimate_s(ttft_s: Sequence[float], per_token_s: Sequence[float], sent_osl: Sequence[int]) -> float | None:
-    """The E2E p90 the requests sent so far (`sent_osl`) would have at the pace of the latest answers
-    (their TTFT, and their time per output token after the first): median TTFT plus median time per
-    token times the p90 of the OSLs. The answers' own E2E would say too little early on: the short
+class UnitShape(NamedTuple):
+    """What a unit sent asks of the server: its requests, their output tokens after the first (in
+    all), and the think time between its requests (s). One request of OSL n: (1, n - 1, 0)."""
+
+    requests: int
+    later_tokens: int
+    think_s: float = 0.0
+
+
+def request_shapes(osl: Sequence[int]) -> list[UnitShape]:
+    return [UnitShape(1, max(0, n - 1)) for n in osl]
+
+
+def e2e_p90_estimate_s(ttft_s: Sequence[float], per_token_s: Sequence[float], sent: Sequence[UnitShape]) -> float | None:
+    """The p90 of how long the units sent so far would last at the pace of the latest answers:
+    per request their median TTFT, per later token their median time per token after the first,
+    plus the unit's think time. The answers' own E2E would say too little early on: the short
     ones end first."""
-    if len(ttft_s) < FEWEST or not len(per_token_s) or not len(sent_osl):
+    if len(ttft_s) < FEWEST or not len(per_token_s) or not len(sent):
         return None
-    return float(np.median(ttft_s)) + float(np.median(per_token_s)) * max(0.0, float(np.percentile(sent_osl, 90)) - 1)
+    ttft, per_token = float(np.median(ttft_s)), float(np.median(per_token_s))
+    return float(np.percentile([u.requests * ttft + u.later_tokens * per_token + u.think_s for u in sent], 90))
 
 
 def settle_cap_s(plan: ProbePlan) -> float:
@@ -58,22 +77,22 @@ def overflowing(grew: int, arrived: int) -> bool:
     return arrived >= OVERFLOW_MIN_ARRIVALS and grew > OVERFLOW_SHARE * arrived
 
 
-def has_settled(ttft_s: Sequence[float], per_token_s: Sequence[float], sent_osl: Sequence[int], elapsed_s: float,
+def has_settled(ttft_s: Sequence[float], per_token_s: Sequence[float], sent: Sequence[UnitShape], elapsed_s: float,
                 cap_s: float, grew: int, arrived: int) -> bool:
     """Whether an open loop `elapsed_s` after its first arrival has filled its server
-    (SETTLE_E2E_P90S, from the latest answers' TTFT and time per token), given up (`cap_s`), or
-    overflows (`grew` requests in the server more than when the first units had ended, `arrived`
-    arrivals since). benchmarks/window_length.py replays it on simulated runs."""
+    (SETTLE_E2E_P90S of the units `sent`, from the latest answers' TTFT and time per token), given up
+    (`cap_s`), or overflows (`grew` requests in the server more than when the first units had ended,
+    `arrived` requests sent since). benchmarks/window_length.py replays it on simulated runs."""
     if elapsed_s >= cap_s or overflowing(grew, arrived):
         return True
-    estimate = e2e_p90_estimate_s(ttft_s, per_token_s, sent_osl)
+    estimate = e2e_p90_estimate_s(ttft_s, per_token_s, sent)
     return estimate is not None and elapsed_s >= SETTLE_E2E_P90S * estimate
 
 
-def settled(records: Sequence[RequestRecord], sent_osl: Sequence[int], elapsed_s: float, cap_s: float,
+def settled(records: Sequence[RequestRecord], sent: Sequence[UnitShape], elapsed_s: float, cap_s: float,
             grew: int = 0, arrived: int = 0) -> bool:
     """has_settled, read from the probe's latest RECENT records."""
     recent = [r for r in records[-RECENT:] if r.ok and r.chunk_ns]
     ttft = [(r.chunk_ns[0] - r.start_ns) / 1e9 for r in recent]
     per_token = [(r.end_ns - r.chunk_ns[0]) / 1e9 / (r.target_output_tokens - 1) for r in recent if r.target_output_tokens >= 2]
-    return has_settled(ttft, per_token, sent_osl, elapsed_s, cap_s, grew, arrived)
+    return has_settled(ttft, per_token, sent, elapsed_s, cap_s, grew, arrived)

@@ -16,7 +16,8 @@ from math import inf
 import aiohttp
 
 from pricing.load.client import ClientConfig, ProbePlan
-from pricing.load.loops import LoadRun, OnRecord, StopRule, WindowMark, drive_load
+from pricing.load.loops import StopRule, WindowMark, drive_load
+from pricing.load.run_state import LoadRun, OnRecord
 from pricing.load.sessions import SessionTraffic, drive_sessions
 from pricing.load.event_loop import paused_gc
 from pricing.measure.requests import (
