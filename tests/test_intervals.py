@@ -17,7 +17,7 @@ from pricing.measure.intervals import (
     variance_inflation,
 )
 from pricing.measure.probe import open_loop_rate
-from pricing.measure.requests import arrival_rate, cohort, table_from_records
+from pricing.measure.requests import arrival_flow, arrival_rate, cohort, table_from_records
 from pricing.results import SourcedProbe
 from pricing.schema import CANCELLED, LoadSpec, RequestRecord, SloTier
 
@@ -113,6 +113,26 @@ def test_an_open_loop_rate_is_its_arrivals_in_the_window_not_the_rate_asked_for(
     assert opened.request_rate_rps == pytest.approx(1.5) and opened.rate_source == "arrivals"
     assert opened.output_tok_s == stats.output_tok_s  # the flows stay as measured
     assert open_loop_rate(stats, LoadSpec(mode="closed", concurrency=2), table) is stats
+    assert opened.request_rate_rps_ci == arrival_flow(table)[1]
+
+
+def test_an_open_loops_count_carries_the_poisson_noise_of_its_long_run_rate():
+    """200 windows of 20 s of Poisson arrivals at 20 req/s (~400 each, 5% sd): the interval holds
+    20 req/s in about 95% of them; evenly spaced arrivals have no such noise."""
+    rng = np.random.default_rng(7)
+    covered, widths = 0, []
+    for _ in range(200):
+        starts_ms = np.cumsum(rng.exponential(50.0, size=600))
+        table = table_from_records([_rec(int(t), [int(t) + 1], tokens=1) for t in starts_ms], 0, 20_000 * 1_000_000)
+        rate, (low, high) = arrival_flow(table)
+        assert rate == arrival_rate(table)
+        covered += low <= 20.0 <= high
+        widths.append((high - low) / rate)
+    assert 0.9 <= covered / 200 <= 0.99
+    assert np.median(widths) == pytest.approx(2 * 1.96 / math.sqrt(400), rel=0.25)
+    even = table_from_records([_rec(50 * i + 25, [50 * i + 26], tokens=1) for i in range(400)], 0, 20_000 * 1_000_000)
+    low, high = arrival_flow(even)[1]
+    assert (high - low) / arrival_rate(even) < 0.01
 
 
 @pytest.mark.parametrize(("flow_high", "window_s", "behind"), [

@@ -22,7 +22,7 @@ from pricing.load.sessions import SessionTraffic, drive_sessions
 from pricing.load.event_loop import paused_gc
 from pricing.measure.requests import (
     RequestTable,
-    arrival_rate,
+    arrival_flow,
     cohort,
     prompt_token_flow,
     table_from_records,
@@ -106,14 +106,15 @@ def sent_lengths(load: LoadSpec, lengths: tuple[float, float] | None) -> tuple[f
 
 def open_loop_rate(stats: WindowStats, load: LoadSpec, table: RequestTable | None) -> WindowStats:
     """An open loop's request rate is its load: the arrivals the window received, counted (not a
-    flow from which a rate is derived, nor the rate asked for). Its capacity is the arrival rate at
+    flow from which a rate is derived, nor the rate asked for), with the interval of the long-run
+    rate it stands for (requests.arrival_flow). Its capacity is the arrival rate at
     which a tier's limits are crossed, whether or not the server kept up above it. The token
     flows stay as measured: in a window that opens soon after the first arrival they still ramp
     up, and energy per token is read against them."""
     if load.mode != "open" or load.kind != "decode" or table is None or table.window_us <= 0:
         return stats
-    rate = arrival_rate(table)
-    return stats.model_copy(update={"request_rate_rps": rate, "request_rate_rps_ci": (rate, rate),
+    rate, ci = arrival_flow(table)
+    return stats.model_copy(update={"request_rate_rps": rate, "request_rate_rps_ci": ci,
                                     "rate_source": "arrivals"})
 
 

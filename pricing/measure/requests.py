@@ -137,6 +137,14 @@ def arrival_rate(table: RequestTable) -> float:
     return float(((start >= 0) & (start <= table.window_us)).sum() / (table.window_us / 1e6)) if table.window_us > 0 else 0.0
 
 
+def arrival_flow(table: RequestTable) -> tuple[float, tuple[float, float]]:
+    """arrival_rate, with a batch-means interval over sub-windows: the long-run rate the window's
+    count stands for. Arrivals bunch (Poisson, bursty gaps, a session's turns), so a count is its
+    rate's estimate only to about 1.96 / sqrt(count) (Poisson), more where they bunch."""
+    start = np.asarray(table.start_us, dtype=np.int64)
+    return rate_interval(start * US, np.ones(start.size), 0, table.window_us * US)
+
+
 def prompt_token_flow(table: RequestTable) -> tuple[float, tuple[float, float]]:
     """Prompt tokens per second of the requests whose first token came in the window (the
     cohort's), with a batch-means interval over their first-token times: what a prefill-only
