@@ -7,7 +7,10 @@ the same engine's steady state offline, on the same (ISL, OSL) pairs. For a fixe
 profile at several closed-loop concurrencies (clients think 50 ms between requests: see
 sim_setup.THINK_S) and one Poisson rate, every probe (default ProbePlan,
 the default tiers deciding its length) prints its error in output tok/s, input tok/s, req/s, TTFT
-p90 and TPOT p90, and whether its 95% intervals cover the truth. The last line reads
+p90 and TPOT p90, and whether its 95% intervals cover the truth. Beside them, the same p90s
+against the mock's own record of the same requests (`/mock/timeline`: kernel arrival stamp and
+the write of each chunk): what the client adds, apart from how far the engine, run in real time
+on a shared CPU, strays from its offline model. The last line reads
 `max flow error X% (input tok/s, output tok/s, req/s)`.
 """
 
@@ -17,7 +20,10 @@ import argparse
 import json
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -26,6 +32,7 @@ from sim_setup import CACHE, ENGINE, THINK_S, TIERS, Traffic, fixed, probe_plan,
 from pricing.load import event_loop as aio  # noqa: E402
 from pricing.load.client import ClientConfig, ProbePlan  # noqa: E402
 from pricing.measure.probe import run_probe  # noqa: E402
+from pricing.measure.window import tpot_s, ttft_s  # noqa: E402
 from pricing.schema import Ci, LoadSpec  # noqa: E402
 from pricing.testing.mock_server import MockConfig, MockServerProcess  # noqa: E402
 from pricing.testing.sim_truth import TruthPoint, closed_loop_truth, open_loop_truth  # noqa: E402
@@ -52,6 +59,31 @@ def exact_flows(traffic: Traffic, load: LoadSpec, truth: TruthPoint) -> tuple[fl
     return truth.request_rate_rps, truth.input_tok_s, truth.output_tok_s
 
 
+def against_server(url: str, result) -> tuple[float, float]:
+    """(TTFT p90, TPOT p90) error of the client against the server's record of the same requests
+    (those whose first token came in the window, as the probe's TTFT sample)."""
+    timeline = json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
+    w0, w1 = result.window_start_ns, result.window_end_ns
+    client, server = [], []
+    for rec in result.records:
+        entry = timeline.get(rec.response_id or "")
+        if not rec.ok or entry is None or not rec.chunk_ns or not w0 <= rec.chunk_ns[0] <= w1:
+            continue
+        chunks = entry["chunk_ns"]
+        client.append((ttft_s(rec), tpot_s(rec)))
+        server.append(((chunks[0] - entry["recv_ns"]) / 1e9,
+                       (chunks[-1] - chunks[0]) / 1e9 / (len(chunks) - 1) if len(chunks) > 1 else None))
+
+    def p90_err(k: int) -> float:
+        pairs = [(c[k], s[k]) for c, s in zip(client, server) if c[k] is not None and s[k] is not None]
+        if not pairs:
+            return float("nan")
+        c, s = np.array(pairs).T
+        return float(np.percentile(c, 90) / np.percentile(s, 90) - 1)
+
+    return p90_err(0), p90_err(1)
+
+
 def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, offset: int, plan: ProbePlan) -> dict:
     cfg = ClientConfig(base_url=url, model="mock-model", seed=offset)
     t0 = time.perf_counter()
@@ -59,6 +91,7 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
         result = aio.run(run_probe(cfg, load, traffic.cycle(offset), plan, tiers=TIERS, lengths=traffic.lengths))
     s = result.stats
     rps, in_tok_s, out_tok_s = exact_flows(traffic, load, truth)
+    ttft_vs_server, tpot_vs_server = against_server(url, result)
     return {
         "profile": traffic.name, "load": f"{load.mode} {load.level:g}", "wall_s": time.perf_counter() - t0,
         "window_s": s.window_s, "ttft_n": s.ttft_s.count,
@@ -68,6 +101,8 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
         "ttft_covered": _covers(s.ttft_s.p90_ci, truth.ttft_s.p90),
         "tpot_covered": _covers(s.tpot_s.p90_ci, truth.tpot_s.p90),
         "rps_covered": _covers(s.request_rate_rps_ci, rps),
+        "out_covered": _covers(s.output_tok_s_ci, out_tok_s),
+        "ttft_vs_server": ttft_vs_server, "tpot_vs_server": tpot_vs_server,
         "undecided_at_cap": result.undecided_at_cap,
     }
 
@@ -89,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = probe_plan(args.quick)
     rows = []
     print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}"
-          f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s)", flush=True)
+          f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s, out)  vs server (TTFT, TPOT)", flush=True)
     for traffic in (fixed(args.quick), wildchat(args.quick)):
         saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
         loads = [LoadSpec(mode="closed", concurrency=c, think_s=THINK_S) for c in concurrencies]
@@ -100,15 +135,20 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(repeats):
                     row = one_probe(mock.url, traffic, load, truth, offset=1000 * len(rows) + 7 * r, plan=plan)
                     rows.append(row)
-                    covered = ", ".join("y" if row[k] else "n" for k in ("ttft_covered", "tpot_covered", "rps_covered"))
+                    covered = ", ".join("y" if row[k] else "n"
+                                        for k in ("ttft_covered", "tpot_covered", "rps_covered", "out_covered"))
                     print(f"{row['profile']:<14}{row['load']:<14}{row['window_s']:>7.1f}s{row['ttft_n']:>7}"
                           f"{row['out']:>+8.1%}{row['in']:>+8.1%}{row['rps']:>+8.1%}{row['in_measured']:>+9.1%}"
-                          f"{row['ttft_p90']:>+10.1%}{row['tpot_p90']:>+10.1%}  {covered}", flush=True)
+                          f"{row['ttft_p90']:>+10.1%}{row['tpot_p90']:>+10.1%}  {covered:<32}"
+                          f"{row['ttft_vs_server']:>+6.1%}, {row['tpot_vs_server']:+.1%}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     n = len(rows)
-    for key, label in (("ttft_covered", "TTFT p90"), ("tpot_covered", "TPOT p90"), ("rps_covered", "req/s")):
+    for key, label in (("ttft_covered", "TTFT p90"), ("tpot_covered", "TPOT p90"), ("rps_covered", "req/s"),
+                       ("out_covered", "output tok/s")):
         print(f"95% interval of {label} covers the truth in {sum(r[key] for r in rows)}/{n} probes")
+    print(f"client against the server's record of the same requests: TTFT p90 max "
+          f"{max(abs(r['ttft_vs_server']) for r in rows):.1%}, TPOT p90 max {max(abs(r['tpot_vs_server']) for r in rows):.1%}")
     worst = {k: max(abs(r[k]) for r in rows) for k in ("in", "out", "rps", "ttft_p90", "tpot_p90", "in_measured")}
     print(f"max latency error: TTFT p90 {worst['ttft_p90']:.1%}, TPOT p90 {worst['tpot_p90']:.1%}; "
           f"measured input flow (prompts of first tokens in the window) {worst['in_measured']:.1%}; "

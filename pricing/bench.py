@@ -36,7 +36,7 @@ from pricing.serving.server import (
     sigterm_as_exit,
 )
 from pricing.serving.shapes import SHAPES
-from pricing.workload.profile import DEFAULT_PROFILE, load_profile
+from pricing.workload.profile import DEFAULT_PROFILE, TrafficProfile, load_profile
 from pricing.workload.prompts import load_tokenizer
 
 
@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-open-probes", type=int, default=8, help="probes of the open-loop step in this run")
     p.add_argument("--no-open-loop", action="store_true", help="skip the open-loop (Poisson) step after a "
                    "closed-loop search; the pricer then prices on closed-loop capacity, with a warning")
-    p.add_argument("--burstiness", type=float, default=1.0, help="open-loop arrivals: gamma shape of the gaps "
-                   "(1 = Poisson, below 1 burstier)")
+    p.add_argument("--burstiness", default="1", help="open-loop arrivals: gamma shape of the gaps (1 = Poisson, "
+                   "below 1 burstier), or 'profile': the profile's own, from its gaps within each hour")
     p.add_argument("--sessions", action="store_true", help="replay the profile's chat sessions: each turn's prompt is "
                    "the last prompt + its answer's token ids + new tokens, so vLLM's prefix cache serves the history; "
                    "concurrency counts active sessions, an open loop's rate arrives as sessions")
@@ -114,6 +114,23 @@ def _vocab_size(model: str, resolved) -> int:
     return SHAPES[model].vocab_size if model in SHAPES else 32000
 
 
+def _burstiness(arg: str, profile: TrafficProfile) -> float:
+    """--burstiness as a gamma shape: a number, or the profile's arrivals' (Arrivals.gamma_shape)."""
+    if arg == "profile":
+        shape = profile.arrivals.gamma_shape if profile.arrivals is not None else None
+        if shape is None:
+            raise ValueError(f"--burstiness profile: profile {profile.name} has no arrival timestamps to estimate it "
+                             "from (a fixed profile, or one built before gap CVs); give a gamma shape, e.g. 1")
+        return round(shape, 3)  # probes compare burstiness exactly: one value per profile
+    try:
+        shape = float(arg)
+    except ValueError:
+        shape = -1.0
+    if not shape > 0 or shape == float("inf"):
+        raise ValueError(f"--burstiness must be a gamma shape > 0 (1 = Poisson) or 'profile', got {arg!r}")
+    return shape
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     tiers = parse_tiers(args.tier)
     profile = load_profile(args.profile)
@@ -126,6 +143,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(f"--think-scale must be >= 0, got {args.think_scale:g}")
     if args.sessions:
         profile.replay_sessions()  # a profile without sessions is a clear error before any server starts
+    burstiness = _burstiness(args.burstiness, profile)
     gpu_name = detect_gpu() if args.gpu == "auto" else args.gpu
     model_label = Path(args.model).name if args.model not in SHAPES else args.model
     out = args.out or Path("benchmark_results") / f"{model_label}_{gpu_name}.jsonl"
@@ -166,7 +184,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                                 min_level=1.0 if args.mode == "closed" else 0.05),
             plan=plan, mode=args.mode, prompts=client.prompts, max_probes=args.max_probes,
             prefill_probes=not args.no_prefill, open_loop=not args.no_open_loop,
-            max_open_probes=args.max_open_probes, burstiness=args.burstiness, sessions=args.sessions,
+            max_open_probes=args.max_open_probes, burstiness=burstiness, sessions=args.sessions,
             think_scale=args.think_scale,
         )
         progress = ProbeProgress(console, plan)

@@ -67,7 +67,9 @@ def _report(profile: TrafficProfile, output: Path) -> None:
     if (arr := profile.arrivals) is not None:
         console.print(f"arrivals {arr.window_start_utc} .. {arr.window_end_utc}: "
                       f"mean {arr.mean_requests_per_hour:,.4g}/h, peak {arr.peak_requests_per_hour:,}/h, "
-                      f"peak-to-mean {arr.peak_to_mean:.2f}")
+                      f"peak-to-mean {arr.peak_to_mean:.2f}"
+                      + (f"; gaps within an hour CV {arr.gap_cv:.2f} (Poisson 1: --burstiness profile = "
+                         f"{arr.gamma_shape:.2f})" if arr.gap_cv is not None else ""))
     if (ses := profile.sessions) is not None:
         think = (f"think time p50 {ses.think_s_p50:,.0f} s, p90 {ses.think_s_p90:,.0f} s"
                  if ses.think_s_p50 is not None else "no second turns")

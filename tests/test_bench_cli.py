@@ -110,6 +110,19 @@ def test_sessions_need_token_ids_to_completions(capsys):
     assert "profile fixed:16:8 has no sessions to replay" in capsys.readouterr().err
 
 
+def test_burstiness_is_a_gamma_shape_or_the_profiles_own(capsys):
+    from pricing.bench import _burstiness
+    from pricing.workload.profile import DEFAULT_PROFILE, fixed_profile, load_profile
+
+    assert _burstiness("0.5", fixed_profile(16, 8)) == 0.5
+    # WildChat's gaps within an hour: CV 1.03, so a gamma shape of 0.94 (Poisson is 1)
+    assert _burstiness("profile", load_profile(DEFAULT_PROFILE)) == pytest.approx(0.944, abs=0.001)
+    for bad, says in (("profile", "has no arrival timestamps"), ("0", "must be a gamma shape > 0"),
+                      ("often", "must be a gamma shape > 0")):
+        assert main(["--url", "http://127.0.0.1:9", "--profile", "fixed:16:8", "--burstiness", bad]) == 2
+        assert says in capsys.readouterr().err
+
+
 def test_a_tokenizer_that_does_not_load_is_one_clear_error_before_any_server(capsys, tmp_path):
     args = ["--url", "http://127.0.0.1:9", "--profile", "fixed:16:8", "--prompt-format", "text", "--tokenizer", str(tmp_path / "nope")]
     assert main(args) == 2

@@ -25,6 +25,7 @@ from pricing.workload.profile import (
     apply_length_policy,
     build_profile,
     fixed_profile,
+    gap_cv_within_hours,
     load_profile,
 )
 from pricing.workload.sources import ProfileInputError, TimeWindow, TurnLengths
@@ -106,6 +107,24 @@ def test_committed_default_profile_is_what_the_code_builds(week_profile):
     committed = load_profile(DEFAULT_PROFILE)
     assert committed == week_profile
     assert (profiles_dir() / f"{DEFAULT_PROFILE}.json").stat().st_size < 1_000_000
+
+
+def test_arrival_burstiness_is_measured_within_hours():
+    """Poisson arrivals whose rate swings 1:4 over the day have gaps of CV 1 within each hour
+    (over the whole day, more); gamma gaps of shape 0.25 have CV 2; a few arrivals say nothing."""
+    rng = np.random.default_rng(3)
+    day = np.arange(24 * 3600.0)
+    rate = 0.05 * (1.5 + np.sin(day / 86400 * 2 * np.pi) * 0.9)  # per second, 0.03 to 0.12
+    counts = rng.poisson(rate)  # per second, each arrival anywhere in its second
+    poisson = np.sort(np.repeat(day, counts) + rng.random(counts.sum()))
+    gaps = np.diff(poisson)
+    assert gaps.std() / gaps.mean() > 1.1
+    assert gap_cv_within_hours(poisson) == pytest.approx(1.0, abs=0.05)
+    bursty = np.cumsum(rng.gamma(0.25, 4 * 20.0, size=5000))
+    assert gap_cv_within_hours(bursty) == pytest.approx(2.0, rel=0.1)
+    assert gap_cv_within_hours(poisson[:150]) is None
+    committed = load_profile(DEFAULT_PROFILE).arrivals
+    assert committed.gap_cv == pytest.approx(1.03, abs=0.005) and committed.gamma_shape == pytest.approx(0.944, abs=0.001)
 
 
 # ---- sampler --------------------------------------------------------------------------------
