@@ -109,7 +109,8 @@ bg)
 poll)
     job=$1 limit=$2
     for _ in $(seq 1 "$limit"); do [ -f "/root/$job.done" ] && break; sleep 1; done
-    tail -c 3000 "/root/$job.txt" | tr '\r' '\n' | grep -v "^\s*$" | tail -25
+    # (a job that has written nothing yet leaves grep without a line: not a failure)
+    tail -c 3000 "/root/$job.txt" | tr '\r' '\n' | { grep -v "^\s*$" || true; } | tail -25
     [ -f "/root/$job.done" ] && echo "$job finished: exit $(cat "/root/$job.done")" || echo "$job still running"
     ;;
 stop)
