@@ -42,7 +42,7 @@ def _covers(ci: Ci | None, truth: float) -> bool:
     if ci is None:
         return False
     low, high = ci
-    return (low is None or low <= truth) and (high is None or truth <= high)
+    return bool((low is None or low <= truth) and (high is None or truth <= high))
 
 
 def _err(measured: float | None, truth: float) -> float:
@@ -59,39 +59,45 @@ def exact_flows(traffic: Traffic, load: LoadSpec, truth: TruthPoint) -> tuple[fl
     return truth.request_rate_rps, truth.input_tok_s, truth.output_tok_s
 
 
-def against_server(url: str, result) -> tuple[float, float]:
-    """(TTFT p90, TPOT p90) error of the client against the server's record of the same requests
-    (those whose first token came in the window, as the probe's TTFT sample)."""
+def server_p90s(url: str, result) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((client, server) TTFT p90, (client, server) TPOT p90) over the same requests, those whose
+    first token came in the window (the probe's TTFT sample), the server's from its own record."""
     timeline = json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
     w0, w1 = result.window_start_ns, result.window_end_ns
-    client, server = [], []
+    ttft, tpot = [], []
     for rec in result.records:
         entry = timeline.get(rec.response_id or "")
         if not rec.ok or entry is None or not rec.chunk_ns or not w0 <= rec.chunk_ns[0] <= w1:
             continue
         chunks = entry["chunk_ns"]
-        client.append((ttft_s(rec), tpot_s(rec)))
-        server.append(((chunks[0] - entry["recv_ns"]) / 1e9,
-                       (chunks[-1] - chunks[0]) / 1e9 / (len(chunks) - 1) if len(chunks) > 1 else None))
-
-    def p90_err(k: int) -> float:
-        pairs = [(c[k], s[k]) for c, s in zip(client, server) if c[k] is not None and s[k] is not None]
-        if not pairs:
-            return float("nan")
-        c, s = np.array(pairs).T
-        return float(np.percentile(c, 90) / np.percentile(s, 90) - 1)
-
-    return p90_err(0), p90_err(1)
+        ttft.append((ttft_s(rec), (chunks[0] - entry["recv_ns"]) / 1e9))
+        if len(chunks) > 1 and tpot_s(rec) is not None:
+            tpot.append((tpot_s(rec), (chunks[-1] - chunks[0]) / 1e9 / (len(chunks) - 1)))
+    p90 = lambda pairs: tuple(np.percentile(np.array(pairs), 90, axis=0)) if pairs else (np.nan, np.nan)  # noqa: E731
+    return p90(ttft), p90(tpot)
 
 
-def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, offset: int, plan: ProbePlan) -> dict:
+def realized(url: str, traffic: Traffic, load: LoadSpec, window_s: float) -> tuple[float, float]:
+    """The server's own TTFT and TPOT p90 over one long window: the engine as it ran here, in
+    real time on shared cores, not as modelled (sim_truth)."""
+    cfg = ClientConfig(base_url=url, model="mock-model", seed=999)
+    plan = ProbePlan(min_window_s=window_s / (2 if load.mode == "open" else 1), min_requests=1,
+                     max_duration_s=2 * window_s + 60)
+    with aio.paused_gc():
+        result = aio.run(run_probe(cfg, load, traffic.cycle(500_000), plan, lengths=traffic.lengths))
+    (_, ttft), (_, tpot) = server_p90s(url, result)
+    return ttft, tpot
+
+
+def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, offset: int, plan: ProbePlan,
+              real: tuple[float, float] | None = None) -> dict:
     cfg = ClientConfig(base_url=url, model="mock-model", seed=offset)
     t0 = time.perf_counter()
     with aio.paused_gc():
         result = aio.run(run_probe(cfg, load, traffic.cycle(offset), plan, tiers=TIERS, lengths=traffic.lengths))
     s = result.stats
     rps, in_tok_s, out_tok_s = exact_flows(traffic, load, truth)
-    ttft_vs_server, tpot_vs_server = against_server(url, result)
+    (ttft_client, ttft_server), (tpot_client, tpot_server) = server_p90s(url, result)
     return {
         "profile": traffic.name, "load": f"{load.mode} {load.level:g}", "wall_s": time.perf_counter() - t0,
         "window_s": s.window_s, "ttft_n": s.ttft_s.count,
@@ -102,7 +108,9 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
         "tpot_covered": _covers(s.tpot_s.p90_ci, truth.tpot_s.p90),
         "rps_covered": _covers(s.request_rate_rps_ci, rps),
         "out_covered": _covers(s.output_tok_s_ci, out_tok_s),
-        "ttft_vs_server": ttft_vs_server, "tpot_vs_server": tpot_vs_server,
+        "ttft_vs_server": ttft_client / ttft_server - 1, "tpot_vs_server": tpot_client / tpot_server - 1,
+        "realized_ttft_covered": real is not None and _covers(s.ttft_s.p90_ci, real[0]),
+        "realized_tpot_covered": real is not None and _covers(s.tpot_s.p90_ci, real[1]),
         "undecided_at_cap": result.undecided_at_cap,
     }
 
@@ -118,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="WildChat lengths / 8, fewer loads and repeats (< 5 min)")
     p.add_argument("--repeats", type=int, help="probes per load (default 2 quick, 4 full)")
     p.add_argument("--json", help="write every probe's errors here")
+    p.add_argument("--realized-s", type=float, default=0.0, help="before each load's probes, one of this long a "
+                   "window whose server-side p90s the intervals are also checked against (0: none)")
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 4)
     concurrencies = (4, 24) if args.quick else (4, 16, 64)
@@ -132,21 +142,32 @@ def main(argv: list[str] | None = None) -> int:
         with MockServerProcess(MockConfig(engine=ENGINE)) as mock:
             for load in loads:
                 truth = _truth(traffic, load)
+                real = realized(mock.url, traffic, load, args.realized_s) if args.realized_s else None
+                if real is not None:
+                    print(f"{traffic.name:<14}{load.mode} {load.level:g}: the server's own p90s over {args.realized_s:g} s: "
+                          f"TTFT {real[0] / truth.ttft_s.p90 - 1:+.1%}, TPOT {real[1] / truth.tpot_s.p90 - 1:+.1%} "
+                          f"against the offline truth", flush=True)
                 for r in range(repeats):
-                    row = one_probe(mock.url, traffic, load, truth, offset=1000 * len(rows) + 7 * r, plan=plan)
+                    row = one_probe(mock.url, traffic, load, truth, offset=1000 * len(rows) + 7 * r, plan=plan, real=real)
                     rows.append(row)
                     covered = ", ".join("y" if row[k] else "n"
                                         for k in ("ttft_covered", "tpot_covered", "rps_covered", "out_covered"))
                     print(f"{row['profile']:<14}{row['load']:<14}{row['window_s']:>7.1f}s{row['ttft_n']:>7}"
                           f"{row['out']:>+8.1%}{row['in']:>+8.1%}{row['rps']:>+8.1%}{row['in_measured']:>+9.1%}"
                           f"{row['ttft_p90']:>+10.1%}{row['tpot_p90']:>+10.1%}  {covered:<32}"
-                          f"{row['ttft_vs_server']:>+6.1%}, {row['tpot_vs_server']:+.1%}", flush=True)
+                          f"{row['ttft_vs_server']:>+6.1%}, {row['tpot_vs_server']:+.1%}"
+                          + (f"  realized covered: {'y' if row['realized_ttft_covered'] else 'n'}, "
+                             f"{'y' if row['realized_tpot_covered'] else 'n'}" if real is not None else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     n = len(rows)
     for key, label in (("ttft_covered", "TTFT p90"), ("tpot_covered", "TPOT p90"), ("rps_covered", "req/s"),
                        ("out_covered", "output tok/s")):
         print(f"95% interval of {label} covers the truth in {sum(r[key] for r in rows)}/{n} probes")
+    if args.realized_s:
+        for key, label in (("realized_ttft_covered", "TTFT p90"), ("realized_tpot_covered", "TPOT p90")):
+            print(f"95% interval of {label} covers the server's own {args.realized_s:g} s p90 in "
+                  f"{sum(r[key] for r in rows)}/{n} probes")
     print(f"client against the server's record of the same requests: TTFT p90 max "
           f"{max(abs(r['ttft_vs_server']) for r in rows):.1%}, TPOT p90 max {max(abs(r['tpot_vs_server']) for r in rows):.1%}")
     worst = {k: max(abs(r[k]) for r in rows) for k in ("in", "out", "rps", "ttft_p90", "tpot_p90", "in_measured")}
