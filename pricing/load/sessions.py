@@ -92,21 +92,19 @@ def session_unit(link: Link, load: LoadSpec, sessions: Iterator[Sequence[Session
     def new_ids(n: int) -> list[int]:
         return random_ids(n) if n > 0 else []
 
-    def osl_of(turn: SessionTurn, fraction: float) -> int:
-        return 1 if prefill_only else max(1, round(turn.output_tokens * fraction))
-
     async def play(sink: Sink, osl_fraction: float, rng: np.random.Generator) -> bool:
         history: list[int] = []
         rec = None
         turns = next(sessions)
-        link.planned(UnitShape(len(turns), sum(osl_of(t, osl_fraction if k == 0 else 1.0) - 1 for k, t in enumerate(turns)),
-                               load.think_scale * sum(t.think_s for t in turns[1:])))
+        osls = [1 if prefill_only else max(1, round(t.output_tokens * (osl_fraction if k == 0 else 1.0)))
+                for k, t in enumerate(turns)]
+        link.planned(UnitShape(len(turns), sum(osls) - len(osls), load.think_scale * sum(t.think_s for t in turns[1:])))
         for k, turn in enumerate(turns):
             pause_s = turn.think_s * load.think_scale if k else 0.0
             if pause_s > 0:
                 await asyncio.sleep(pause_s)
             prompt = history + new_ids(turn.new_input_tokens)
-            osl = osl_of(turn, osl_fraction if k == 0 else 1.0)
+            osl = osls[k]
             reply = await link.send(prompt, len(prompt), osl, token_ids=True)
             rec = reply.record
             if rec.ok and not reply.token_ids:

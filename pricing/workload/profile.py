@@ -87,7 +87,7 @@ class LengthLimitReport(Strict):
 
 class Arrivals(Strict):
     """Requests (user turns) per UTC hour over the slice, from the turns' own timestamps, and how
-    bursty they are within an hour (arrival_gap_cv)."""
+    bursty they are within an hour (gap_cv)."""
 
     window_start_utc: str
     window_end_utc: str
