@@ -232,9 +232,10 @@ async def test_mock_engine_mode_streams_the_engines_own_timeline(mock_server) ->
         ttft_err_ms.append((chunk_s[0] - truth[rid][0]) * 1e3)
         gap_err_ms += ((np.diff(chunk_s) - np.diff(truth[rid])) * 1e3).tolist()
     # The mock's timers wake on whole milliseconds, biased to centre the error on zero; on a busy
-    # 2-core machine a wake-up can be a few ms late, but a token in the wrong step is 10+ ms off.
+    # 2-core machine a wake-up can be late (CI: one chunk 5.4 ms late, the next gap 5.1 ms short),
+    # but a token in the wrong step is a whole step (>= step_base_s) off.
     err_ms = np.abs(ttft_err_ms + gap_err_ms)
-    assert np.percentile(err_ms, 90) <= 2.0 and err_ms.max() < MOCK_ENGINE.step_base_s * 1e3 / 2, (
+    assert np.percentile(err_ms, 90) <= 2.0 and err_ms.max() < MOCK_ENGINE.step_base_s * 1e3, (
         f"TTFT errors (ms): {np.round(ttft_err_ms, 2)}, inter-token gap errors: {np.round(gap_err_ms, 2)}")
 
 
