@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import resource
-import urllib.request
 
 import numpy as np
 
@@ -25,6 +23,7 @@ from pricing.measure.probe import run_probe
 from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
 from pricing.testing.mock_server import LatencyModel, MockConfig, MockServerProcess
+from pricing.testing.mock_timeline import fetch_timeline, server_tpot_s, server_ttft_s
 
 
 def cpu_s() -> float:
@@ -39,16 +38,15 @@ def measure(url: str, streams: int, osl: int, window_s: float, loop: aio.LoopCho
     with aio.paused_gc():
         result = aio.run(run_probe(cfg, LoadSpec(mode="closed", concurrency=streams), itertools.repeat((64, osl)), plan), loop)
     cpu = cpu_s() - cpu0
-    timeline = json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
+    timeline = fetch_timeline(url)
     ttft_err, tpot_err = [], []
     w0, w1 = result.window_start_ns, result.window_end_ns
     for rec in result.records:
         server = timeline.get(rec.response_id or "")
         if not rec.ok or server is None or not (w0 <= rec.start_ns and rec.end_ns <= w1):
             continue
-        chunks = server["chunk_ns"]
-        ttft_err.append(ttft_s(rec) - (chunks[0] - server["recv_ns"]) / 1e9)
-        tpot_err.append(tpot_s(rec) - (chunks[-1] - chunks[0]) / 1e9 / (len(chunks) - 1))
+        ttft_err.append(ttft_s(rec) - server_ttft_s(server))
+        tpot_err.append(tpot_s(rec) - server_tpot_s(server))
     total_chunks = sum(len(r.chunk_ns) for r in result.records)
     wall_s = (max(r.end_ns for r in result.records) - min(r.start_ns for r in result.records)) / 1e9
     ms = lambda xs, q: float(np.percentile(np.array(xs) * 1e3, q))  # noqa: E731

@@ -20,14 +20,22 @@ import argparse
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_setup import CACHE, ENGINE, THINK_S, TIERS, Traffic, fixed, probe_plan, wildchat  # noqa: E402
+from sim_setup import (  # noqa: E402
+    CACHE,
+    ENGINE,
+    THINK_S,
+    TIERS,
+    Traffic,
+    fixed,
+    probe_plan,
+    wildchat,
+)
 
 from pricing.load import event_loop as aio  # noqa: E402
 from pricing.load.client import ClientConfig, ProbePlan  # noqa: E402
@@ -35,6 +43,7 @@ from pricing.measure.probe import run_probe  # noqa: E402
 from pricing.measure.window import tpot_s, ttft_s  # noqa: E402
 from pricing.schema import Ci, LoadSpec  # noqa: E402
 from pricing.testing.mock_server import MockConfig, MockServerProcess  # noqa: E402
+from pricing.testing.mock_timeline import fetch_timeline, server_tpot_s, server_ttft_s  # noqa: E402
 from pricing.testing.sim_truth import TruthPoint, closed_loop_truth, open_loop_truth  # noqa: E402
 
 
@@ -62,17 +71,16 @@ def exact_flows(traffic: Traffic, load: LoadSpec, truth: TruthPoint) -> tuple[fl
 def server_p90s(url: str, result) -> tuple[tuple[float, float], tuple[float, float]]:
     """((client, server) TTFT p90, (client, server) TPOT p90) over the same requests, those whose
     first token came in the window (the probe's TTFT sample), the server's from its own record."""
-    timeline = json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
+    timeline = fetch_timeline(url)
     w0, w1 = result.window_start_ns, result.window_end_ns
     ttft, tpot = [], []
     for rec in result.records:
         entry = timeline.get(rec.response_id or "")
         if not rec.ok or entry is None or not rec.chunk_ns or not w0 <= rec.chunk_ns[0] <= w1:
             continue
-        chunks = entry["chunk_ns"]
-        ttft.append((ttft_s(rec), (chunks[0] - entry["recv_ns"]) / 1e9))
-        if len(chunks) > 1 and tpot_s(rec) is not None:
-            tpot.append((tpot_s(rec), (chunks[-1] - chunks[0]) / 1e9 / (len(chunks) - 1)))
+        ttft.append((ttft_s(rec), server_ttft_s(entry)))
+        if (server_tpot := server_tpot_s(entry)) is not None and tpot_s(rec) is not None:
+            tpot.append((tpot_s(rec), server_tpot))
     p90 = lambda pairs: tuple(np.percentile(np.array(pairs), 90, axis=0)) if pairs else (np.nan, np.nan)  # noqa: E731
     return p90(ttft), p90(tpot)
 

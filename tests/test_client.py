@@ -2,22 +2,27 @@
 
 import asyncio
 import itertools
-import json
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 
+from pricing.load import settle
 from pricing.load.client import ClientConfig, ProbePlan
 from pricing.load.event_loop import paused_gc
-from pricing.load import settle
 from pricing.load.loops import OPEN_WARMUP_UNITS
-from pricing.load.settle import SETTLE_E2E_P90S, UnitShape, e2e_p90_estimate_s, request_shapes, settled
+from pricing.load.settle import (
+    SETTLE_E2E_P90S,
+    UnitShape,
+    e2e_p90_estimate_s,
+    request_shapes,
+    settled,
+)
 from pricing.measure.probe import run_probe
 from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
 from pricing.testing.mock_server import Faults, LatencyModel, MockConfig
+from pricing.testing.mock_timeline import fetch_timeline
 
 TTFT_S, TPOT_S = 0.040, 0.020
 TOLERANCE_MS = 1.0  # the bound, on the median
@@ -26,9 +31,6 @@ TOLERANCE_MS = 1.0  # the issue's bound, on the median
 def closed(n: int) -> LoadSpec:
     return LoadSpec(mode="closed", concurrency=n)
 
-
-def _timeline(url: str) -> dict:
-    return json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
 
 
 @pytest.mark.parametrize("streams", [1, 64, 512])
@@ -55,7 +57,7 @@ async def test_measured_ttft_and_tpot_match_the_truth(mock_server, streams):
     assert result.stats.failed == 0 and result.aborted is None
     assert all(r.completion_tokens == 12 and r.prompt_tokens == 64 for r in inside)
 
-    timeline = _timeline(mock.url)  # once: each fetch is every request the mock served
+    timeline = fetch_timeline(mock.url)  # once: each fetch is every request the mock served
     did = [timeline[r.response_id] for r in inside]
     served_ttft_ms = np.array([(d["chunk_ns"][0] - d["recv_ns"]) / 1e6 for d in did])
     served_tpot_ms = np.array([(d["chunk_ns"][-1] - d["chunk_ns"][0]) / 1e6 / 11 for d in did])
@@ -217,7 +219,7 @@ async def test_probes_on_one_server_never_repeat_a_prompt(mock_server):
     cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=7)
     for _ in range(2):
         await run_probe(cfg, closed(4), itertools.repeat((64, 4)), ProbePlan(min_window_s=0.3, min_requests=10))
-    heads = [t["head"] for t in _timeline(mock.url).values()]
+    heads = [t["head"] for t in fetch_timeline(mock.url).values()]
     assert len(heads) >= 20 and len(set(heads)) == len(heads)
 
 
@@ -229,7 +231,7 @@ async def test_streamed_token_rate_matches_what_the_server_wrote_including_cut_r
     plan = ProbePlan(min_window_s=2.0, min_requests=8, ramp_up_s=0.4)
     result = await run_probe(cfg, closed(8), itertools.repeat((64, 40)), plan)
     w0, w1 = result.window_start_ns, result.window_end_ns
-    written = sum(1 for d in _timeline(mock.url).values() for t in d["chunk_ns"] if w0 <= t <= w1)
+    written = sum(1 for d in fetch_timeline(mock.url).values() for t in d["chunk_ns"] if w0 <= t <= w1)
     assert result.stats.output_tok_s == pytest.approx(written / ((w1 - w0) / 1e9), rel=0.02)
     cut = [r for r in result.records if r.error == "cancelled" and len(r.chunk_ns) >= 5]
     assert cut and all(r.chunk_ns[-1] - r.chunk_ns[0] >= 0.005 * 1e9 * (len(r.chunk_ns) - 1) for r in cut)

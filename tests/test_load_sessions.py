@@ -4,8 +4,6 @@ scale, open loops start sessions, and a probe records the cache's hits beside th
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections import defaultdict
 
 import numpy as np
@@ -16,6 +14,7 @@ from pricing.load.sessions import SessionTraffic
 from pricing.measure.probe import measured_probe, run_probe
 from pricing.schema import LoadSpec
 from pricing.testing.mock_server import LatencyModel, MockConfig
+from pricing.testing.mock_timeline import fetch_timeline
 from pricing.workload.sessions import SessionTurn, history_share
 
 FAST = LatencyModel(ttft_base_s=0.002, tpot_base_s=0.002)
@@ -24,10 +23,6 @@ BLOCK = 4
 
 def sessions_load(n: int = 2, kind: str = "decode", think_scale: float = 0.0) -> LoadSpec:
     return LoadSpec(mode="closed", concurrency=n, kind=kind, sessions=True, think_scale=think_scale)
-
-
-def timeline(url: str) -> dict:
-    return json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
 
 
 def by_session(entries: list[dict], first_tokens: int) -> list[list[dict]]:
@@ -47,7 +42,7 @@ async def test_each_prompt_is_the_last_prompt_and_answer_as_streamed_plus_new_to
     result = await run_probe(cfg, sessions_load(2), SessionTraffic([THREE]), ProbePlan(min_window_s=0.5, min_requests=6))
     assert result.stats.failed == 0 and result.aborted is None
     done = {r.response_id for r in result.records if r.ok}
-    sessions = [g for g in by_session(list(timeline(mock.url).values()), 20) if all(e["chunk_ns"] for e in g)]
+    sessions = [g for g in by_session(list(fetch_timeline(mock.url).values()), 20) if all(e["chunk_ns"] for e in g)]
     continued = 0
     for turns in sessions:
         assert len(turns) <= 3 and len(turns[0]["prompt"]) == 20
@@ -103,7 +98,7 @@ async def test_a_probe_records_the_cache_hits_beside_the_history_share(mock_serv
     cfg2 = cfg.model_copy(update={"base_url": mock2.url})
     await run_probe(cfg2, sessions_load(2, kind="prefill_cached"), SessionTraffic([two]),
                     ProbePlan(min_window_s=0.5, min_requests=6))
-    seconds = [e for e in timeline(mock2.url).values() if e["isl"] == 32]
+    seconds = [e for e in fetch_timeline(mock2.url).values() if e["isl"] == 32]
     assert seconds and all(e["osl"] == 1 and e["cached"] == 20 for e in seconds)
 
 
@@ -113,7 +108,7 @@ async def test_fresh_prefill_probe_of_a_session_sweep_sends_the_turns_as_indepen
     two = (SessionTurn(20, 5, 0.0), SessionTurn(7, 4, 0.0))
     await run_probe(cfg, sessions_load(2, kind="prefill"), SessionTraffic([two]),
                     ProbePlan(min_window_s=0.5, min_requests=6))
-    entries = list(timeline(mock.url).values())
+    entries = list(fetch_timeline(mock.url).values())
     assert {e["isl"] for e in entries} == {20, 32} and all(e["osl"] == 1 and e["cached"] == 0 for e in entries)
 
 

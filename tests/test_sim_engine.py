@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import urllib.request
 
 import aiohttp
 import numpy as np
 import pytest
 
 from pricing.testing.mock_server import Faults, MockConfig
+from pricing.testing.mock_timeline import fetch_timeline
 from pricing.testing.sim_engine import EngineModel, SimEngine, replay
 from pricing.testing.sim_truth import (
     arrival_times_s,
@@ -210,9 +210,6 @@ async def _stream(session: aiohttp.ClientSession, url: str, delay_s: float, isl:
     return rid
 
 
-def _timeline(url: str) -> dict:
-    return json.load(urllib.request.urlopen(f"{url}/mock/timeline"))
-
 
 async def test_mock_engine_mode_streams_the_engines_own_timeline(mock_server) -> None:
     mock = mock_server(MockConfig(engine=MOCK_ENGINE))
@@ -220,7 +217,7 @@ async def test_mock_engine_mode_streams_the_engines_own_timeline(mock_server) ->
     shapes = [(0.0, 100, 12), (0.004, 30, 8), (0.013, 100, 1), (0.021, 5, 15), (0.030, 60, 6)]
     async with aiohttp.ClientSession() as session:
         rids = await asyncio.gather(*(_stream(session, mock.url, *shape) for shape in shapes))
-    did = _timeline(mock.url)
+    did = fetch_timeline(mock.url)
     t0_ns = min(did[r]["recv_ns"] for r in rids)
     arrivals = [(r, (did[r]["recv_ns"] - t0_ns) / 1e9, did[r]["isl"], did[r]["osl"]) for r in rids]
     assert [a[2:] for a in arrivals] == [s[1:] for s in shapes]
@@ -245,7 +242,7 @@ async def test_mock_engine_mode_drops_a_disconnected_client(mock_server) -> None
         gone = await _stream(session, mock.url, 0.0, 10, 1000, read_tokens=3)
         await asyncio.sleep(0.1)  # the engine notices at its next write
         alone = await _stream(session, mock.url, 0.0, 10, 20)
-    did = _timeline(mock.url)
+    did = fetch_timeline(mock.url)
     assert len(did[gone]["chunk_ns"]) < 20
     # Had the hung-up sequence stayed in the batch, each step would cost another step_per_seq_s.
     gaps_s = np.diff(did[alone]["chunk_ns"]) / 1e9
@@ -266,5 +263,5 @@ async def test_mock_engine_mode_keeps_the_faults(mock_server) -> None:
                 except aiohttp.ClientPayloadError:
                     seen.append((resp.status, "cut"))
     assert seen == [(200, 6 + 1), (500, 0), (200, "cut"), (500, 0), (200, 6 + 1)]  # + 1: the usage event
-    stalled = _timeline(mock.url)["mock-5"]["chunk_ns"]
+    stalled = fetch_timeline(mock.url)["mock-5"]["chunk_ns"]
     assert len(stalled) == 6 and (stalled[2] - stalled[1]) / 1e9 >= faults.stall_s

@@ -3,7 +3,6 @@
 import itertools
 import json
 import math
-import urllib.request
 
 import pytest
 
@@ -16,6 +15,7 @@ from pricing.measure.requests import requests_path
 from pricing.results import SourcedProbe, read_records, read_requests
 from pricing.schema import DeploymentConfig, ProfileSummary, SloTier
 from pricing.testing.mock_server import LatencyModel, MockConfig
+from pricing.testing.mock_timeline import fetch_timeline
 
 # TPOT = 5 ms + 0.6 ms x running; a 21 ms TPOT limit holds up to 26.7 concurrent streams.
 LATENCY = LatencyModel(ttft_base_s=0.005, tpot_base_s=0.005, tpot_per_seq_s=0.0006)
@@ -125,7 +125,7 @@ async def test_text_prompt_sweep_is_its_own_sweep_and_sends_text(mock_server, tm
     records = read_records(out)
     assert [r.load.prompts for r in records] == ["token_ids"] * 2 + ["text"] * 2
     assert records[2].workload == "fixed-32-10 (text)" and records[0].workload == "fixed-32-10"
-    heads = [t["head"] for t in json.load(urllib.request.urlopen(f"{mock.url}/mock/timeline")).values()]
+    heads = [t["head"] for t in fetch_timeline(mock.url).values()]
     assert any(h.startswith("t") for h in heads) and any(h[:1].isdigit() for h in heads)  # /detokenize text, then ids
 
 
