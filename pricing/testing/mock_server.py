@@ -269,6 +269,7 @@ class _EngineLoop:
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.plan_lag_ns = _PLAN_LAG_NS
+        self.write_ns = 0.0  # mean time to write one chunk, learnt as the engine runs
 
     async def serve(self, stream: _Stream, arrival_ns: int) -> None:
         stream.resp.start_stream()
@@ -327,8 +328,15 @@ class _EngineLoop:
                 end_ns = start_ns
                 continue
             end_ns = start_ns + round(step.duration_s * 1e9)
-            await _sleep_until_exact(end_ns)
+            # Its chunks are written one after another: centre them on its end (else first tokens
+            # came 0.5 ms late at 7 req/s, +4% on a 16 ms TTFT p90); at most a quarter step early.
+            writes = len(step.first_token) + len(step.decoded)
+            lead_ns = min(round(writes * self.write_ns / 2), (end_ns - start_ns) // 4)
+            await _sleep_until_exact(end_ns - lead_ns)
+            t_ns = ns()
             self._emit(step)
+            if writes:
+                self.write_ns += 0.1 * ((ns() - t_ns) / writes - self.write_ns)
 
     def _emit(self, step: EngineStep) -> None:
         faults = self.cfg.faults
