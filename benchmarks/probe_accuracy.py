@@ -26,16 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_setup import (  # noqa: E402
-    CACHE,
-    ENGINE,
-    THINK_S,
-    TIERS,
-    Traffic,
-    fixed,
-    probe_plan,
-    wildchat,
-)
+from sim_setup import CACHE, ENGINE, THINK_S, TIERS, Traffic, fixed, probe_plan, wildchat  # noqa: E402
 
 from pricing.load import event_loop as aio  # noqa: E402
 from pricing.load.client import ClientConfig, ProbePlan  # noqa: E402
@@ -79,8 +70,9 @@ def server_p90s(url: str, result) -> tuple[tuple[float, float], tuple[float, flo
         if not rec.ok or entry is None or not rec.chunk_ns or not w0 <= rec.chunk_ns[0] <= w1:
             continue
         ttft.append((ttft_s(rec), server_ttft_s(entry)))
-        if (server_tpot := server_tpot_s(entry)) is not None and tpot_s(rec) is not None:
-            tpot.append((tpot_s(rec), server_tpot))
+        client_tpot, server_tpot = tpot_s(rec), server_tpot_s(entry)
+        if client_tpot is not None and server_tpot is not None:
+            tpot.append((client_tpot, server_tpot))
     p90 = lambda pairs: tuple(np.percentile(np.array(pairs), 90, axis=0)) if pairs else (np.nan, np.nan)  # noqa: E731
     return p90(ttft), p90(tpot)
 

@@ -210,7 +210,6 @@ async def _stream(session: aiohttp.ClientSession, url: str, delay_s: float, isl:
     return rid
 
 
-
 async def test_mock_engine_mode_streams_the_engines_own_timeline(mock_server) -> None:
     mock = mock_server(MockConfig(engine=MOCK_ENGINE))
     # Five requests for three slots, arriving over a few steps; 100 tokens of prompt is two chunks.

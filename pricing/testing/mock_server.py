@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pricing.testing.mock_cache import PrefixCache, answer_ids, metrics_text
 from pricing.testing.mock_faults import Faults
 from pricing.testing.mock_http import Request, Response, serve
+from pricing.testing.mock_timeline import server_ttft_s
 from pricing.testing.sim_engine import ADMIT_S, EngineModel, EngineStep, SimEngine
 
 ns = time.perf_counter_ns
@@ -370,8 +371,7 @@ def build_routes(cfg: MockConfig) -> dict:
         state.cache = PrefixCache(cfg.prefix_cache_block_tokens)
 
     async def metrics(_req: Request, resp: Response) -> None:
-        ttfts = ((t["chunk_ns"][0] - t["recv_ns"]) / 1e9 for t in state.timeline.values() if t["chunk_ns"])
-        resp.send_text(metrics_text(state.cache, ttfts))
+        resp.send_text(metrics_text(state.cache, (server_ttft_s(t) for t in state.timeline.values() if t["chunk_ns"])))
 
     def reply(obj_of_request):
         async def handler(req: Request, resp: Response) -> None:
