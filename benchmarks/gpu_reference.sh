@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_reference.sh wait NAME...                                    # until /health
 #   bash benchmarks/gpu_reference.sh sweep NAME PROFILE [bench args...]       # attach, sweep, resume
 #   bash benchmarks/gpu_reference.sh parallel "NAME PROFILE [args]" "NAME ..." # sweeps side by side
+#   bash benchmarks/gpu_reference.sh long NAME PROFILE RATE... [-- bench args...]  # one open-loop probe
+#        per rate, each in its own file (in one file a rate search would take the others as its own)
 #   bash benchmarks/gpu_reference.sh peer NAME ISL OSL CONCURRENCY PROMPTS    # vllm bench serve
 #   bash benchmarks/gpu_reference.sh peercheck NAME ISL OSL CONCURRENCY [peer_check args...]
 #        ours (token ids, text) then vllm bench, compared (benchmarks/peer_check.py)
@@ -25,7 +27,7 @@ MAX_MODEL_LEN=${MAX_MODEL_LEN:-8192}
 mkdir -p "$STATE" "$RESULTS" /root/models /root/checkpoints
 cmd=$1; shift
 # The device tool gives a host back after 30 s idle; the next call then lands on a fresh one.
-if [[ $cmd =~ ^(serve|sweep|peer|peercheck|parallel)$ && ! -d /root/vllm-site ]]; then
+if [[ $cmd =~ ^(serve|sweep|long|peer|peercheck|parallel)$ && ! -d /root/vllm-site ]]; then
     echo "no /root/vllm-site: this is a fresh host (the last was given back); unpack the bundle again" >&2; exit 3
 fi
 
@@ -81,6 +83,16 @@ parallel)  # one sweep per argument, each on its own server; logs in /root/sweep
         grep -E "^#|stopped" "/root/sweep-$((i + 1)).txt" || tail -5 "/root/sweep-$((i + 1)).txt"
     done
     exit $status
+    ;;
+long)
+    name=$1 profile=$2; shift 2
+    rates=()
+    while [[ $# -gt 0 && $1 != -- ]]; do rates+=("$1"); shift; done
+    [[ $# -gt 0 ]] && shift
+    for rate in "${rates[@]}"; do
+        bash "$0" sweep "$name" "$profile" --mode open --start "$rate" --max-probes 1 --no-prefill \
+            --out "$RESULTS/long_${name}_${rate}.jsonl" "$@" || echo "probe at $rate req/s: exit $?"
+    done
     ;;
 peer)
     name=$1 isl=$2 osl=$3 conc=$4 prompts=$5
