@@ -5,12 +5,20 @@ tier, why. Pure functions over probe records.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
 from pricing.capacity.curve import BIG, Capacity, Point, capacity_from_points
-from pricing.measure.requests import RequestTable, arrival_rate, backlog, cohort, prompt_token_flow
+from pricing.load.settle import grew_beyond_noise
+from pricing.measure.requests import (
+    RequestTable,
+    arrival_rate,
+    backlog,
+    cohort,
+    latest_part,
+    prompt_token_flow,
+    still_filling,
+)
 from pricing.measure.slo import Figures, slo_verdicts, stored_figures
 from pricing.measure.window import latency_at
 from pricing.results import SourcedProbe, Warn
@@ -28,6 +36,11 @@ def group_by_config(probes: Sequence[SourcedProbe]) -> dict[tuple[str, str], lis
     return groups
 
 
+def _figures_of(table: RequestTable, tier: SloTier) -> Figures:
+    sample = cohort(table)
+    return {"ttft": latency_at(sample.ttft_s, tier.percentile), "tpot": latency_at(sample.tpot_s, tier.percentile)}
+
+
 def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> Figures:
     """TTFT and TPOT at the tier's percentile: stored on the probe line for p50/p90/p99, else
     computed from its per-request records ((None, None) when it has none)."""
@@ -36,8 +49,7 @@ def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -
     table = probe.table(warn)
     if table is None:
         return {"ttft": (None, None), "tpot": (None, None)}
-    sample = cohort(table)
-    return {"ttft": latency_at(sample.ttft_s, tier.percentile), "tpot": latency_at(sample.tpot_s, tier.percentile)}
+    return _figures_of(table, tier)
 
 
 # An open loop whose output flow's 95% interval stays below this share of what its arrivals ask
@@ -60,11 +72,6 @@ QUEUE_SHARE = 0.01
 BACKLOG_SHARE = 0.4
 
 
-def _grew(at_open: int, at_close: int, by: float) -> bool:
-    """A count grew by more than `by` beyond noise (3 x the Poisson sd of the two counts)."""
-    return at_close - at_open - 3 * math.sqrt(at_open + at_close + 1) > by
-
-
 def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None = None) -> bool:
     """An open-loop probe above what the server can serve (on an H200, 24 req/s sent against a
     19 req/s closed-loop saturation still met a 1 s TTFT p90 in a 28 s window: the requests in the
@@ -80,8 +87,8 @@ def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None
         return False
     if table is not None and stats.rate_source == "arrivals":
         b = backlog(table)
-        return (_grew(b.queued_at_open, b.queued_at_close, QUEUE_SHARE * b.arrivals)
-                or _grew(b.at_open, b.at_close, BACKLOG_SHARE * b.arrivals))
+        return (grew_beyond_noise(b.queued_at_open, b.queued_at_close, QUEUE_SHARE * b.arrivals)
+                or grew_beyond_noise(b.at_open, b.at_close, BACKLOG_SHARE * b.arrivals))
     if stats.lengths_mean is None or stats.output_tok_s_ci is None or stats.output_tok_s_ci[1] is None:
         return False
     ramp = 1.0
@@ -122,7 +129,13 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
         rate_high = rate if rate_high is None else rate_high
     if rec.abort == "window_not_filled" and not _short_of_arrivals(rec, table):
         return Point(rec.load.level, BIG, BIG, BIG, rate, rate_low, rate_high)  # a sure fail of every tier
-    verdicts = slo_verdicts(stats, tier, tier_figures(probe, tier, warn))
+    figures = tier_figures(probe, tier, warn)
+    # A server still filling when the window closed: its latest part, nearest the steady state,
+    # judges the tier, and no pass is sure (the steady state is worse than any part of the window).
+    filling = table is not None and rec.load.kind == "decode" and table.window_us > 0 and still_filling(table)
+    if filling:
+        figures = _figures_of(latest_part(table), tier)  # type: ignore[arg-type]
+    verdicts = slo_verdicts(stats, tier, figures)
     if fell_behind(rec, rate, table):
         # A sure fail of every tier. Where its window already violates the tier, by how much
         # places the crossing (curve); where the growing queue still hid it, nothing does.
@@ -143,7 +156,7 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
         severity = max(severity, v.value / v.limit)
         low = max(low, (ci_low if ci_low is not None else 0.0) / v.limit)
         high = max(high, (ci_high if ci_high is not None else BIG * v.limit) / v.limit)
-    return Point(rec.load.level, severity, low, high, rate, rate_low, rate_high)
+    return Point(rec.load.level, severity, low, BIG if filling else high, rate, rate_low, rate_high)
 
 
 def decode_probes(probes: Sequence[SourcedProbe], mode: LoadMode) -> list[SourcedProbe]:

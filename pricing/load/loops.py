@@ -33,7 +33,7 @@ from pricing.load.server_watch import (
     error_kind,
 )
 from pricing.load.run_state import LoadRun, OnRecord, RunState
-from pricing.load.settle import UnitShape, settle_cap_s, settled
+from pricing.load.settle import UnitShape, grew_beyond_noise, settle_cap_s, settled
 from pricing.schema import CANCELLED, LoadSpec, RequestRecord
 from pricing.workload.prompts import PromptFactory, PromptSource
 
@@ -86,7 +86,10 @@ async def _controller(state: RunState, clock: Callable[[], int], stop_rule: Stop
                 last_rule_ns = now
                 decided = stop_rule(state.records, w0, now)  # type: ignore[arg-type,misc]
             extended_enough = filled and (now - w0) / 1e9 >= plan.max_extension * state.window_target_s  # type: ignore[operator]
-            if decided or (filled and (over_time or extended_enough)):
+            # An open loop's server that still fills (its requests grow beyond noise) is not yet
+            # what the long run sees: the window runs on, to its caps (settle.grew_beyond_noise).
+            filling = state.load.mode == "open" and grew_beyond_noise(state.in_flight_at_open, state.in_flight)
+            if (decided and not filling) or (filled and (over_time or extended_enough)):
                 state.undecided_at_cap = not decided
                 state.window_end_ns, state.tail_pending = now, state.in_flight
                 window_s = (now - w0) / 1e9  # type: ignore[operator]

@@ -55,6 +55,7 @@ class RunState:
     sent_units: list[UnitShape] = field(default_factory=list)
     sent_requests: int = 0
     warmed: tuple[int, int] | None = None
+    in_flight_at_open: int = 0  # requests in the server as the window opened
     tail_pending: int = 0  # requests sent before the window closed that have not finished
     aborted: str | None = None
     abort: AbortKind | None = None
@@ -99,6 +100,7 @@ class RunState:
     def open_window(self, now_ns: int) -> None:
         """Warm-up is over: the window's length follows from how long warm-up requests took."""
         self.window_start_ns = now_ns
+        self.in_flight_at_open = self.in_flight
         e2e = [(r.end_ns - r.start_ns) / 1e9 for r in self.records if r.ok]
         p90 = float(np.percentile(e2e, 90)) if e2e else 0.0
         shortest = self.plan.min_window_s * (self.plan.open_window_multiple if self.load.mode == "open" else 1.0)

@@ -17,6 +17,7 @@ turn by turn.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -62,6 +63,14 @@ def e2e_p90_estimate_s(ttft_s: Sequence[float], per_token_s: Sequence[float], se
         return None
     ttft, per_token = float(np.median(ttft_s)), float(np.median(per_token_s))
     return float(np.percentile([u.requests * ttft + u.later_tokens * per_token + u.think_s for u in sent], 90))
+
+
+def grew_beyond_noise(before: int, after: int, by: float = 0.0) -> bool:
+    """A count of requests grew by more than `by`, beyond noise: 3 x the sd of the difference of
+    two Poisson counts (the requests in a server that keeps up are about Poisson, as in M/G/inf).
+    The window of an open loop whose requests in the server grow this way is extended (the
+    server still fills: load.loops) and judged on its latest part (capacity.choice)."""
+    return after - before - 3 * math.sqrt(before + after + 1) > by
 
 
 def settle_cap_s(plan: ProbePlan) -> float:

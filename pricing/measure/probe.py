@@ -23,8 +23,10 @@ from pricing.load.event_loop import paused_gc
 from pricing.measure.requests import (
     RequestTable,
     arrival_flow,
+    backlog,
     cohort,
     prompt_token_flow,
+    still_filling,
     table_from_records,
 )
 from pricing.measure.slo import outcome
@@ -154,6 +156,10 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
     if load is not None:
         stats = prefill_flow(open_loop_rate(stats, load, table), load, table)
     warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
+    if load is not None and load.mode == "open" and load.kind == "decode" and table.window_us > 0 and still_filling(table):
+        b = backlog(table)
+        warnings.append(f"the server was still filling when the window closed (requests in it {b.at_open} -> "
+                        f"{b.at_close}): the window flatters it; its latest third judges the tiers")
     if run.undecided_at_cap:
         warnings.append("the window ran its longest (ProbePlan.max_extension times its length, or --max-probe-s) "
                         "with a tier's verdict still undecided: its interval straddles the limit")
