@@ -304,3 +304,18 @@ async def test_a_server_that_dies_in_the_probes_tail_gets_the_probe_measured_aga
     result = await run_probe(cfg, closed(8), itertools.repeat((16, 100)), plan, mark=kill_at_close)
     assert result.abort == "server_unreachable" and result.aborted.endswith("and it does not answer")
     assert result.stats.errors_by_kind.get("disconnect", 0) > 0
+
+
+async def test_an_open_loops_window_runs_on_while_the_server_still_fills(mock_server):
+    """A batch without a cap (4 ms + 1 ms per running request per token): 20 req/s of 20-token
+    answers it serves steadily, and the window closes once full (4 s); at 60 req/s its requests
+    grow all window (about 40 -> 90 in 4 s), so the window runs on to its cap (max_extension
+    times its length), and the probe says the server was still filling."""
+    latency = LatencyModel(ttft_base_s=0.005, tpot_base_s=0.004, tpot_per_seq_s=0.001)
+    mock = mock_server(MockConfig(latency=latency))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=5)
+    plan = ProbePlan(min_window_s=2, window_e2e_multiple=0, min_requests=5, max_duration_s=30, max_extension=2)
+    steady = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=20.0), itertools.repeat((16, 20)), plan)
+    swelling = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=60.0), itertools.repeat((16, 20)), plan)
+    assert steady.stats.window_s < 5 and not any("still filling" in w for w in steady.warnings)
+    assert swelling.stats.window_s >= 7.9 and any("still filling" in w for w in swelling.warnings)

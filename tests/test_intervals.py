@@ -17,7 +17,7 @@ from pricing.measure.intervals import (
     variance_inflation,
 )
 from pricing.measure.probe import open_loop_rate
-from pricing.measure.requests import arrival_flow, arrival_rate, cohort, table_from_records
+from pricing.measure.requests import arrival_flow, arrival_rate, cohort, latest_part, still_filling, table_from_records
 from pricing.results import SourcedProbe
 from pricing.schema import CANCELLED, LoadSpec, RequestRecord, SloTier
 
@@ -215,3 +215,29 @@ def test_an_open_loop_capacity_is_at_the_offered_rate_not_the_windows_count():
     assert (point.level, point.rate_rps, point.rate_low, point.rate_high) == (10.0, 10.0, 10.0, 10.0)
     sessions = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0, sessions=True)})
     assert tier_point(SourcedProbe(sessions), tier).rate_rps == pytest.approx(10.5)
+
+
+def test_a_window_that_closed_still_filling_is_judged_on_its_latest_third_and_is_never_a_sure_pass():
+    """10 req/s whose answers grow longer through the window (a batch that swells) read a TPOT p75
+    under the limit over the whole window but not in its latest third; a steady server keeps
+    its whole-window figures and a sure pass."""
+    def probe(e2e_ms_of):
+        records = [_rec(round(t), [round(t + 100 + k * (e2e_ms_of(t) - 100) / 9) for k in range(10)], tokens=10)
+                   for t in np.arange(-5000, 20_000, 100.0)]
+        table = table_from_records(records, 0, 20_000 * 1_000_000)
+        rec = make_probe(rps=10.0, window_s=20.0)
+        rec = rec.model_copy(update={"load": LoadSpec(mode="open", request_rate_rps=10.0),
+                                     "stats": rec.stats.model_copy(update={"rate_source": "arrivals"})})
+        return table, SourcedProbe(rec, requests=table)
+
+    tier = SloTier(name="T", ttft_s=1.0, tpot_s=0.95, percentile=75)  # not stored: read from the table
+    steady_table, steady = probe(lambda t: 2000)
+    swelling_table, swelling = probe(lambda t: 2000 + 0.4 * max(t, 0))  # TPOT 0.21 s -> 1.1 s
+    assert not still_filling(steady_table) and still_filling(swelling_table)
+    assert len(cohort(latest_part(swelling_table)).ttft_s) == 67  # first tokens in the last 6.67 s
+    whole = np.percentile(cohort(swelling_table).tpot_s, 75)
+    assert whole < 0.95 < np.percentile(cohort(latest_part(swelling_table)).tpot_s, 75)
+    point = tier_point(swelling, tier)
+    assert point.severity > 1 and point.severity_high == BIG  # its latest third fails; nothing sure about it
+    calm = tier_point(steady, tier)
+    assert calm.severity < 1 and calm.severity_high < 1  # a sure pass
