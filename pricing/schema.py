@@ -371,6 +371,8 @@ class ProbeRecord(BaseModel):
     # the probe's verdicts were still undecided when it reached its time cap.
     requests_file: str | None = None
     undecided_at_cap: bool = False
+    # An open loop whose window opened at its warm-up's cap, before the server had filled (load.settle).
+    warmup_capped: bool = False
 
     @model_validator(mode="before")
     @classmethod

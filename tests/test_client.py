@@ -319,3 +319,15 @@ async def test_an_open_loops_window_runs_on_while_the_server_still_fills(mock_se
     swelling = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=60.0), itertools.repeat((16, 20)), plan)
     assert steady.stats.window_s < 5 and not any("still filling" in w for w in steady.warnings)
     assert swelling.stats.window_s >= 7.9 and any("still filling" in w for w in swelling.warnings)
+
+
+async def test_an_open_loops_window_that_opened_at_the_warm_ups_cap_says_so(mock_server):
+    """2 s answers need 6 s of warm-up to fill the server (3 E2E p90s, load.settle); max_duration_s
+    10 caps it at 4 s, so the window opens there and the probe says so. 0.2 s answers settle first."""
+    mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.010)))
+    cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=5)
+    plan = ProbePlan(min_window_s=1, min_requests=5, max_duration_s=10)
+    slow = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=10.0), itertools.repeat((16, 200)), plan)
+    quick = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=10.0), itertools.repeat((16, 20)), plan)
+    assert slow.warmup_capped and any("warm-up's cap" in w for w in slow.warnings)
+    assert not quick.warmup_capped and not any("warm-up's cap" in w for w in quick.warnings)

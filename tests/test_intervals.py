@@ -241,3 +241,6 @@ def test_a_window_that_closed_still_filling_is_judged_on_its_latest_third_and_is
     assert point.severity > 1 and point.severity_high == BIG  # its latest third fails; nothing sure about it
     calm = tier_point(steady, tier)
     assert calm.severity < 1 and calm.severity_high < 1  # a sure pass
+    # The same steady window, opened at the warm-up's cap: not known to be steady, so not sure.
+    capped = SourcedProbe(steady.record.model_copy(update={"warmup_capped": True}), requests=steady_table)
+    assert tier_point(capped, tier).severity < 1 and tier_point(capped, tier).severity_high == BIG

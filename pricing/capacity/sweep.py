@@ -146,6 +146,7 @@ def _to_record(spec: SweepSpec, index: int, load: LoadSpec, result: ProbeResult,
         warnings=result.warnings,
         requests_file=requests_file,
         undecided_at_cap=result.undecided_at_cap,
+        warmup_capped=result.warmup_capped,
     )
 
 

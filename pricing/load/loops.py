@@ -68,9 +68,11 @@ async def _controller(state: RunState, clock: Callable[[], int], stop_rule: Stop
             state.abort, state.aborted = gone
             state.stop.set()
             return
+        warmed_s = (now - (state.first_sent_ns or now)) / 1e9
         if state.window_start_ns is None and state.warmed is not None and settled(
-                state.records, state.sent_units, (now - (state.first_sent_ns or now)) / 1e9, settle_cap_s(plan),
+                state.records, state.sent_units, warmed_s, settle_cap_s(plan),
                 grew=state.in_flight - state.warmed[0], arrived=state.sent_requests - state.warmed[1]):
+            state.warmup_capped = warmed_s >= settle_cap_s(plan)
             state.open_window(now)
         w0 = state.window_start_ns
         if w0 is not None and not opened:
@@ -248,7 +250,7 @@ async def run_units(
     w1 = state.window_end_ns if state.window_end_ns is not None else drain_ns
     wait_s = state.prompt_wait_ns / state.prompts_taken / 1e9 if state.prompts_taken else None
     return LoadRun(sorted(state.records, key=lambda r: r.start_ns), w0, w1, state.aborted, state.abort, wait_s,
-                   state.undecided_at_cap, dict(state.dropped_failures))
+                   state.undecided_at_cap, dict(state.dropped_failures), state.warmup_capped)
 
 
 def _request_unit(link: Link, source: PromptSource, load: LoadSpec) -> Unit:

@@ -30,6 +30,8 @@ class LoadRun:
     undecided_at_cap: bool = False  # the stop rule never said decided before max_duration_s
     # Failed requests started in the window that were counted, not kept (ProbePlan.max_kept_failures).
     dropped_failures: dict[str, int] = field(default_factory=dict)
+    # An open loop's window opened at the warm-up's cap (load.settle), not once the server had filled.
+    warmup_capped: bool = False
 
 
 @dataclass
@@ -56,6 +58,7 @@ class RunState:
     sent_requests: int = 0
     warmed: tuple[int, int] | None = None
     in_flight_at_open: int = 0  # requests in the server as the window opened
+    warmup_capped: bool = False
     tail_pending: int = 0  # requests sent before the window closed that have not finished
     aborted: str | None = None
     abort: AbortKind | None = None

@@ -68,6 +68,7 @@ class ProbeResult:
     warnings: list[str] = field(default_factory=list)  # the measurement's own shortcomings
     table: RequestTable | None = None  # the per-request records, compact
     undecided_at_cap: bool = False
+    warmup_capped: bool = False  # an open loop's window opened at the warm-up's cap (load.settle)
 
 
 def _prompt_wait_warning(wait_s: float | None, mean_e2e_s: float | None) -> str | None:
@@ -160,11 +161,16 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
         b = backlog(table)
         warnings.append(f"the server was still filling when the window closed (requests in it {b.at_open} -> "
                         f"{b.at_close}): the window flatters it; its latest third judges the tiers")
+    if run.warmup_capped:
+        warnings.append("the window opened at the warm-up's cap (load.settle), before the server had filled: near "
+                        "saturation it flatters the server; its latest third judges the tiers (a longer --max-probe-s "
+                        "lets it fill)")
     if run.undecided_at_cap:
         warnings.append("the window ran its longest (ProbePlan.max_extension times its length, or --max-probe-s) "
                         "with a tier's verdict still undecided: its interval straddles the limit")
     return ProbeResult(run.records, run.window_start_ns, run.window_end_ns, stats, run.aborted, run.abort,
-                       warnings=warnings, table=table, undecided_at_cap=run.undecided_at_cap)
+                       warnings=warnings, table=table, undecided_at_cap=run.undecided_at_cap,
+                       warmup_capped=run.warmup_capped)
 
 
 async def run_probe(
