@@ -314,7 +314,8 @@ async def test_an_open_loops_window_runs_on_while_the_server_still_fills(mock_se
     latency = LatencyModel(ttft_base_s=0.005, tpot_base_s=0.004, tpot_per_seq_s=0.001)
     mock = mock_server(MockConfig(latency=latency))
     cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=5)
-    plan = ProbePlan(min_window_s=2, window_e2e_multiple=0, min_requests=5, max_duration_s=30, max_extension=2)
+    plan = ProbePlan(min_window_s=2, window_e2e_multiple=0, min_requests=5, max_duration_s=30, max_extension=2,
+                     tail_frac=0.2)
     steady = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=20.0), itertools.repeat((16, 20)), plan)
     swelling = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=60.0), itertools.repeat((16, 20)), plan)
     assert steady.stats.window_s < 5 and not any("still filling" in w for w in steady.warnings)
@@ -326,7 +327,7 @@ async def test_an_open_loops_window_that_opened_at_the_warm_ups_cap_says_so(mock
     10 caps it at 4 s, so the window opens there and the probe says so. 0.2 s answers settle first."""
     mock = mock_server(MockConfig(latency=LatencyModel(ttft_base_s=0.005, tpot_base_s=0.010)))
     cfg = ClientConfig(base_url=mock.url, model="mock-model", seed=5)
-    plan = ProbePlan(min_window_s=1, min_requests=5, max_duration_s=10)
+    plan = ProbePlan(min_window_s=1, min_requests=5, max_duration_s=10, tail_frac=0.2)
     slow = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=10.0), itertools.repeat((16, 200)), plan)
     quick = await run_probe(cfg, LoadSpec(mode="open", request_rate_rps=10.0), itertools.repeat((16, 20)), plan)
     assert slow.warmup_capped and any("warm-up's cap" in w for w in slow.warnings)

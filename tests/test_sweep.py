@@ -50,7 +50,8 @@ def prober(url):
 async def test_sweep_finds_the_mocks_known_capacity_then_the_open_loop_one(mock_server, tmp_path):
     mock = mock_server(MockConfig(latency=LATENCY))
     out = tmp_path / "mock_cpu.jsonl"
-    outcome = await run_sweep(spec(), prober(mock.url), out)
+    # 4 open-loop probes: near the capacity of a batch without a cap each runs on while the mock fills.
+    outcome = await run_sweep(spec(max_open_probes=4), prober(mock.url), out)
     closed = outcome.closed["Mock"]
     assert closed.kind == "found" and closed.level == math.floor(TRUE_CAPACITY), closed
     assert closed.rate_low <= closed.rate_rps <= closed.rate_high
