@@ -136,9 +136,9 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
     # state. On an H200 near saturation, windows of 20-30 s after a 30 s warm-up met Baseline with
     # TPOT p90 26-33 ms at 17.6-18.8 req/s, where windows of 2-4 minutes read 46 and 85 ms
     # (benchmark_results/open_saturation_h200_2026-12-01). One that already fails keeps its whole
-    # window's figures: its latest third, in a queue that grows, says by how much less than they do
-    # (on the simulated engine it read TTFT p90 seconds where the window's was 1.1 s, and moved
-    # the line's crossing 11% down, from +4% to -7% of the truth).
+    # window's figures: in a queue that grows, its latest third overstates by how much (on the
+    # simulated engine, TTFT p90 in seconds where the window's was 1.1 s, which moved Baseline's
+    # crossing from +1% to -7% of the truth).
     filling = table is not None and rec.load.kind == "decode" and table.window_us > 0 and (
         rec.warmup_capped or still_filling(table))
     if filling and all(v.passed for v in verdicts):
