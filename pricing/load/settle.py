@@ -69,7 +69,7 @@ def grew_beyond_noise(before: int, after: int, by: float = 0.0) -> bool:
     """A count of requests grew by more than `by`, beyond noise: 3 x the sd of the difference of
     two Poisson counts (the requests in a server that keeps up are about Poisson, as in M/G/inf).
     The window of an open loop whose requests in the server grow this way is extended (the
-    server still fills: load.loops) and judged on its latest part (capacity.choice)."""
+    server still fills: load.loops), and no pass of it is sure (capacity.choice)."""
     return after - before - 3 * math.sqrt(before + after + 1) > by
 
 

@@ -160,11 +160,11 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
     if load is not None and load.mode == "open" and load.kind == "decode" and table.window_us > 0 and still_filling(table):
         b = backlog(table)
         warnings.append(f"the server was still filling when the window closed (requests in it {b.at_open} -> "
-                        f"{b.at_close}): the window flatters it; its latest third judges the tiers")
+                        f"{b.at_close}): the window flatters it; no pass is sure, and its latest third judges the tiers it meets")
     if run.warmup_capped:
         warnings.append("the window opened at the warm-up's cap (load.settle), before the server had filled: near "
-                        "saturation it flatters the server; its latest third judges the tiers (a longer --max-probe-s "
-                        "lets it fill)")
+                        "saturation it flatters the server; no pass is sure, and its latest third judges the tiers it "
+                        "meets (a longer --max-probe-s lets it fill)")
     if run.undecided_at_cap:
         warnings.append("the window ran its longest (ProbePlan.max_extension times its length, or --max-probe-s) "
                         "with a tier's verdict still undecided: its interval straddles the limit")

@@ -184,7 +184,6 @@ def backlog(table: RequestTable) -> Backlog:
                    queued_at_close=held(admitted, w), arrivals=int(((start >= 0) & (start <= w)).sum()))
 
 
-
 # The share of a window, at its end, that judges it when the server was still filling.
 LATEST_SHARE = 1 / 3
 
@@ -209,6 +208,7 @@ def latest_part(table: RequestTable, share: float = LATEST_SHARE) -> RequestTabl
     return table.model_copy(update={
         "window_us": table.window_us - shift, "start_us": moved(table.start_us), "first_us": moved(table.first_us),
         "last_us": moved(table.last_us), "end_us": moved(table.end_us)})
+
 
 # ------------------------------------------------------------------------------------ files
 def requests_path(results_file: Path) -> Path:
