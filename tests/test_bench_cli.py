@@ -50,11 +50,11 @@ def test_make_bench_against_a_real_vllm_cpu_server(tmp_path):
     """`make bench` with the tiny shape: server starts, >= 3 probes, valid JSONL, the open-loop
     step, clean shutdown."""
     out = tmp_path / "tiny_cpu.jsonl"
-    # The open-loop step starts from a closed-loop capacity, so Baseline must be bracketed: on 2
-    # cores the tiny shape crosses it near c=20, which the closed search (c=1, 4, 16, then just
-    # past the predicted crossing) reaches at its 4th probe; 5 leave one for a noisy guess.
+    # On this VM's 2 cores the tiny shape crosses Baseline near c=20 (the closed search reaches it
+    # at its 4th probe); CI's 2 cores once met it up to c=256 in 5 probes. Either way the open-loop
+    # step runs: from the closed-loop capacity, or from the highest pass of a tier never violated.
     bench_args = (f"--profile fixed:300:32 --max-model-len 1024 --min-window-s 3 --min-requests 5 "
-                  f"--max-probes 5 --max-open-probes 2 --tier Baseline --out {out} --models-dir {tmp_path / 'models'}")
+                  f"--max-probes 5 --max-open-probes 2 --max-probe-s 60 --tier Baseline --out {out} --models-dir {tmp_path / 'models'}")
     env = {**os.environ, "BENCH_ARGS": bench_args, "VENV": str(Path(sys.executable).parents[1])}
     cmd = ["flock", "/tmp/vllm.lock", "make", "-C", str(REPO), "bench", "MODEL=tiny-llama", "QUANT=base", "TP=1", "GPU=cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)

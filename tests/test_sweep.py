@@ -75,6 +75,21 @@ async def test_sweep_finds_the_mocks_known_capacity_then_the_open_loop_one(mock_
     assert tier_capacity(probes, TIER, "open") == outcome.open["Mock"]
 
 
+async def test_a_tier_the_closed_budget_never_violated_still_gets_its_open_loop_step(mock_server, tmp_path):
+    """A server faster than the closed budget foresaw (CI's 2 cores met Baseline up to c=256): the
+    open loop starts at the tier's highest closed-loop pass instead of leaving the price to it."""
+    mock = mock_server(MockConfig(latency=LATENCY))
+    out = tmp_path / "mock_cpu.jsonl"
+    outcome = await run_sweep(spec(max_probes=2, max_open_probes=1), prober(mock.url), out)
+    closed = outcome.closed["Mock"]
+    assert closed.kind == "at_least" and closed.level < TRUE_CAPACITY, closed
+    records = read_records(out)
+    assert [r.load.level for r in records if r.load.kind == "prefill"] == [closed.level]
+    opened = [r for r in records if r.load.mode == "open"]
+    assert len(opened) == 1 and opened[0].load.request_rate_rps == pytest.approx(closed.rate_rps)
+    assert outcome.open["Mock"].kind == "at_least" and outcome.stop == "budget"
+
+
 async def test_a_crashed_sweep_resumes_without_repeating_probes(mock_server, tmp_path):
     mock = mock_server(MockConfig(latency=LATENCY))
     out = tmp_path / "mock_cpu.jsonl"

@@ -4,8 +4,9 @@ Two steps. The closed-loop search (concurrency) finds each tier's neighbourhood 
 prefill-only probe (max_tokens=1) per closed-loop capacity gives the input-token rate the price
 split needs (a session sweep adds a prefill-only replay of the sessions there, whose prefix-cache
 hits give the cost of a cached input token); then an open-loop search (Poisson arrivals, request
-rate) starts at each tier's closed-loop capacity rate, which is its confirmation, and resolves
-the capacity a service with independent arrivals has. Probes already in the results file (same config, profile, prompt kind
+rate) starts at each tier's closed-loop capacity rate (or, for a tier the closed loop never
+violated, its highest pass), which is its confirmation, and resolves the capacity a service with
+independent arrivals has. Probes already in the results file (same config, profile, prompt kind
 and schema) are reused, so a rerun after a crash continues where the last one stopped; a probe
 that stopped because the server failed, went away or hung (schema.SERVER_ABORTS) stays in the
 file as what happened, but is measured again. Such a probe stops the sweep ("server_failed").
@@ -15,7 +16,7 @@ Each probe's per-request records go to the `.requests.jsonl` file beside the res
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Protocol
@@ -277,11 +278,15 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
     open_run = 0
     if spec.mode == "closed" and stop not in ("server_failed", "too_few_requests"):
         closed = capacities(state.records, spec.tiers, "closed", out_path)
+        # A tier the closed loop never violated (its budget or --max-level ran out first) still
+        # has a best known load, its highest pass: the open loop starts there too, so on a server
+        # faster than the budget foresaw the price still rests on Poisson arrivals.
+        known = {name: c for name, c in closed.items() if c.kind in ("found", "at_least") and c.level}
         # Prefill probes at the capacities known so far, also when the budget ran out: without
         # them the pricer can only fall back to a fixed ratio.
         if spec.prefill_probes:
             kinds: tuple[Kind, ...] = ("prefill", "prefill_cached") if spec.sessions else ("prefill",)
-            found = sorted({c.level for c in closed.values() if c.kind == "found" and c.level})
+            found = sorted({c.level for c in known.values()})
             wanted = [(level, kind) for level in found for kind in kinds]
             for level, kind in wanted:
                 if level not in state.levels("closed", kind):
@@ -289,13 +294,14 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
                     if (server_stop := state.server_stop()) is not None:
                         stop, stopped = server_stop
                         break
-        rates = {name: c.rate_rps for name, c in closed.items() if c.kind == "found" and c.rate_rps}
+        rates = {name: c.rate_rps for name, c in known.items() if c.rate_rps}
         if spec.open_loop and rates and spec.max_open_probes > 0 and stop != "server_failed":
             params = _open_params(spec, list(rates.values()), state.records)
             open_run, open_stop, open_stopped = await state.search("open", params, spec.max_open_probes, first=rates)
             if open_stop is not None and (stop is None or open_stop == "server_failed"):
                 stop, stopped = open_stop, open_stopped
-            warnings += _confirmation_warnings(state.records, spec.tiers, rates, out_path)
+            lower = {name for name, c in known.items() if c.kind == "at_least"}
+            warnings += _confirmation_warnings(state.records, spec.tiers, rates, out_path, lower)
     return SweepOutcome(closed=capacities(state.records, spec.tiers, "closed", out_path),
                         open=capacities(state.records, spec.tiers, "open", out_path), records=state.records,
                         probes_run=run, open_probes_run=open_run, appended=state.next_index - state.first_index,
@@ -304,8 +310,9 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
 
 
 def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTier], rates: dict[str, float],
-                           results_file: Path | None = None) -> list[str]:
-    """Poisson arrivals at a tier's closed-loop capacity rate that surely violate the tier."""
+                           results_file: Path | None = None, lower: Collection[str] = ()) -> list[str]:
+    """Poisson arrivals at a tier's closed-loop capacity rate that surely violate the tier.
+    `lower`: tiers whose rate is only their highest closed-loop pass (never violated there)."""
     out = []
     for tier in tiers:
         rate = rates.get(tier.name)
@@ -313,6 +320,7 @@ def _confirmation_warnings(records: Sequence[ProbeRecord], tiers: Sequence[SloTi
               and abs(r.load.level - rate) <= 1e-9 * max(rate, 1)]
         points = [pt for p in _sourced(at, results_file) if (pt := tier_point(p, tier)) is not None]
         if points and all(pt.severity_low > 1 for pt in points):
-            out.append(f"{tier.name}: Poisson arrivals at its closed-loop capacity ({rate:.3g} req/s) violate the "
+            where = "highest closed-loop pass" if tier.name in lower else "closed-loop capacity"
+            out.append(f"{tier.name}: Poisson arrivals at its {where} ({rate:.3g} req/s) violate the "
                        "tier; the open-loop capacity is lower and prices it")
     return out
