@@ -7,7 +7,9 @@ the same engine's steady state offline, on the same (ISL, OSL) pairs. For a fixe
 profile at several closed-loop concurrencies (clients think 50 ms between requests: see
 sim_setup.THINK_S) and one Poisson rate, every probe (default ProbePlan,
 the default tiers deciding its length) prints its error in output tok/s, input tok/s, req/s, TTFT
-p90 and TPOT p90, and whether its 95% intervals cover the truth. Beside them, the same p90s
+p90 and TPOT p90 (and the window's own samples of the flows), and whether its 95% intervals
+cover the truth; and one open-loop probe past saturation, which must not read as keeping up (an
+open loop that keeps up reports its offered rate: measure.probe.open_loop_rate). Beside them, the same p90s
 against the mock's own record of the same requests (`/mock/timeline`: kernel arrival stamp and
 the write of each chunk): what the client adds, apart from how far the engine, run in real time
 on a shared CPU, strays from its offline model. The last line reads
@@ -103,6 +105,8 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
         "window_s": s.window_s, "ttft_n": s.ttft_s.count,
         "out": _err(s.output_tok_s, out_tok_s), "in": _err(s.input_tok_s, in_tok_s), "rps": _err(s.request_rate_rps, rps),
         "in_measured": _err(s.measured_input_tok_s, in_tok_s),
+        "out_measured": _err(s.output_tokens / s.window_s if s.window_s else None, out_tok_s),
+        "kept_up": s.rate_source == "offered", "stable": truth.stable,
         "ttft_p90": _err(s.ttft_s.p90, truth.ttft_s.p90), "tpot_p90": _err(s.tpot_s.p90, truth.tpot_s.p90),
         "ttft_covered": _covers(s.ttft_s.p90_ci, truth.ttft_s.p90),
         "tpot_covered": _covers(s.tpot_s.p90_ci, truth.tpot_s.p90),
@@ -113,6 +117,20 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
         "realized_tpot_covered": real is not None and _covers(s.tpot_s.p90_ci, real[1]),
         "undecided_at_cap": result.undecided_at_cap,
     }
+
+
+# An open loop this far past the engine's saturation (its closed-loop throughput at max_num_seqs,
+# the most it can serve) cannot keep up: the truth of the probe's kept-up judgment.
+OVERLOAD = 1.1
+
+
+def judged_kept_up(url: str, traffic: Traffic, rate_rps: float, offset: int, plan: ProbePlan) -> bool:
+    """Whether an open-loop probe at `rate_rps` read its server as keeping up (flows at the offered rate)."""
+    cfg = ClientConfig(base_url=url, model="mock-model", seed=offset)
+    with aio.paused_gc():
+        result = aio.run(run_probe(cfg, LoadSpec(mode="open", request_rate_rps=rate_rps), traffic.cycle(offset), plan,
+                                   tiers=TIERS, lengths=traffic.lengths))
+    return result.stats.rate_source == "offered"
 
 
 def _truth(traffic: Traffic, load: LoadSpec) -> TruthPoint:
@@ -132,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 4)
     concurrencies = (4, 24) if args.quick else (4, 16, 64)
     plan = probe_plan(args.quick)
-    rows = []
-    print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}"
+    rows, overloads = [], []
+    print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}{'out meas':>9}"
           f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s, out)  vs server (TTFT, TPOT)", flush=True)
     for traffic in (fixed(args.quick), wildchat(args.quick)):
         saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
@@ -153,11 +171,16 @@ def main(argv: list[str] | None = None) -> int:
                     covered = ", ".join("y" if row[k] else "n"
                                         for k in ("ttft_covered", "tpot_covered", "rps_covered", "out_covered"))
                     print(f"{row['profile']:<14}{row['load']:<14}{row['window_s']:>7.1f}s{row['ttft_n']:>7}"
-                          f"{row['out']:>+8.1%}{row['in']:>+8.1%}{row['rps']:>+8.1%}{row['in_measured']:>+9.1%}"
+                          f"{row['out']:>+8.1%}{row['in']:>+8.1%}{row['rps']:>+8.1%}{row['in_measured']:>+9.1%}{row['out_measured']:>+9.1%}"
                           f"{row['ttft_p90']:>+10.1%}{row['tpot_p90']:>+10.1%}  {covered:<32}"
                           f"{row['ttft_vs_server']:>+6.1%}, {row['tpot_vs_server']:+.1%}"
                           + (f"  realized covered: {'y' if row['realized_ttft_covered'] else 'n'}, "
                              f"{'y' if row['realized_tpot_covered'] else 'n'}" if real is not None else ""), flush=True)
+            over = round(OVERLOAD * saturation, 3)
+            kept = judged_kept_up(mock.url, traffic, over, offset=1000 * len(rows) + 5, plan=plan)
+            overloads.append(kept)
+            print(f"{traffic.name:<14}open {over:g} ({OVERLOAD:g} x saturation): judged "
+                  f"{'kept up (wrong)' if kept else 'fallen behind'}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     n = len(rows)
@@ -170,9 +193,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sum(r[key] for r in rows)}/{n} probes")
     print(f"client against the server's record of the same requests: TTFT p90 max "
           f"{max(abs(r['ttft_vs_server']) for r in rows):.1%}, TPOT p90 max {max(abs(r['tpot_vs_server']) for r in rows):.1%}")
-    worst = {k: max(abs(r[k]) for r in rows) for k in ("in", "out", "rps", "ttft_p90", "tpot_p90", "in_measured")}
+    worst = {k: max(abs(r[k]) for r in rows)
+             for k in ("in", "out", "rps", "ttft_p90", "tpot_p90", "in_measured", "out_measured")}
+    opened = [r for r in rows if r["load"].startswith("open")]
+    print(f"open-loop probes judged kept up (flows at the offered rate): {sum(r['kept_up'] for r in opened)}/"
+          f"{len(opened)}, stable in the offline truth: {sum(r['stable'] for r in opened)}/{len(opened)}; "
+          f"past saturation: {sum(overloads)}/{len(overloads)} judged kept up")
     print(f"max latency error: TTFT p90 {worst['ttft_p90']:.1%}, TPOT p90 {worst['tpot_p90']:.1%}; "
-          f"measured input flow (prompts of first tokens in the window) {worst['in_measured']:.1%}; "
+          f"the window's own samples: prompts of first tokens in it {worst['in_measured']:.1%}, "
+          f"output tokens streamed in it {worst['out_measured']:.1%}; "
           f"median probe {sorted(r['wall_s'] for r in rows)[n // 2]:.0f} s")
     print(f"max flow error {max(worst['in'], worst['out'], worst['rps']):.1%} (input tok/s {worst['in']:.1%}, "
           f"output tok/s {worst['out']:.1%}, req/s {worst['rps']:.1%})")

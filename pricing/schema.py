@@ -158,7 +158,8 @@ class WindowStats(Frozen):
     measured_input_tok_s: float | None = Field(default=None, ge=0, le=MAX_TOK_S, allow_inf_nan=False)  # prompt tokens of requests whose first token came in the window
     lengths_mean: tuple[float, float] | None = None  # (ISL, OSL) per request the rates are derived with
     # flow: the output flow over lengths_mean; arrivals: an open loop's requests sent in the window;
-    # offered (older records): an open loop's nominal rate, where the flow kept up with it
+    # offered: an uncapped open loop's nominal rate, where the server kept up with it (probe.open_loop_rate;
+    # older records: where the flow did)
     rate_source: Literal["flow", "arrivals", "offered"] | None = None
 
     @model_validator(mode="after")

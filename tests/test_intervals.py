@@ -16,8 +16,17 @@ from pricing.measure.intervals import (
     rate_interval,
     variance_inflation,
 )
-from pricing.measure.probe import open_loop_rate
-from pricing.measure.requests import arrival_flow, arrival_rate, cohort, latest_part, still_filling, table_from_records
+from pricing.load.run_state import LoadRun
+from pricing.measure.probe import measure_run, open_loop_rate
+from pricing.measure.requests import (
+    arrival_flow,
+    arrival_rate,
+    cohort,
+    fell_behind_arrivals,
+    latest_part,
+    still_filling,
+    table_from_records,
+)
 from pricing.results import SourcedProbe
 from pricing.schema import CANCELLED, LoadSpec, RequestRecord, SloTier
 
@@ -101,19 +110,54 @@ def test_cohort_follows_each_first_token_of_the_window_to_its_end():
     assert sample.failed == 1 and sample.errors_by_kind == {"http_500": 1} and sample.issued == 2
 
 
-def test_an_open_loop_rate_is_its_arrivals_in_the_window_not_the_rate_asked_for():
-    """A window of 2 s holding 3 request starts: 1.5 req/s, whatever the flow or the nominal rate."""
+def test_an_open_loop_that_kept_up_serves_its_offered_rate_else_it_counts_its_arrivals():
+    """A window of 2 s holding 3 request starts, offered 2 req/s. The server kept up (as many in it
+    and queued at the close as at the opening): 2 req/s and the flows at the traffic's mean
+    lengths, exact. Capped in flight, a queue outgrowing the arrivals, a client that sent far
+    fewer than offered, or no mean lengths: the starts counted, and the flows as measured."""
 
     records = [_rec(900, [950, 960], tokens=2), _rec(1000, [1100, 1200], tokens=2), _rec(2000, [2100, 2150], tokens=2),
                _rec(2999, [3100, 3200], tokens=2), _rec(3001, [3100, 3200], tokens=2)]
     table = table_from_records(records, 1000 * 1_000_000, 3000 * 1_000_000)
     assert arrival_rate(table) == pytest.approx(1.5)
-    stats = make_probe(rps=9.0).stats
-    opened = open_loop_rate(stats, LoadSpec(mode="open", request_rate_rps=2.0), table)
-    assert opened.request_rate_rps == pytest.approx(1.5) and opened.rate_source == "arrivals"
-    assert opened.output_tok_s == stats.output_tok_s  # the flows stay as measured
+    stats = make_probe(rps=9.0).stats.model_copy(update={"lengths_mean": (500.0, 100.0)})
+    load = LoadSpec(mode="open", request_rate_rps=2.0)
+    kept = open_loop_rate(stats, load, table)
+    assert kept.rate_source == "offered" and kept.request_rate_rps == 2.0 and kept.request_rate_rps_ci == (2.0, 2.0)
+    assert (kept.input_tok_s, kept.output_tok_s) == (1000.0, 200.0) and kept.output_tokens == stats.output_tokens
+
+    # 30 more arrivals late in the window, none admitted by its close: the queue outgrew the arrivals.
+    behind = table_from_records(records + [_rec(2500 + 15 * i, [3500], tokens=1) for i in range(30)],
+                                1000 * 1_000_000, 3000 * 1_000_000)
+    # 200 arrivals served in 5 ms each but the last 10, still in the server at the close: 5% more in
+    # it, within noise of not falling behind, but not surely keeping up.
+    swelling = table_from_records([_rec(1000 + 10 * i, [1000 + 10 * i + 2, 1000 + 10 * i + 5] if i < 190 else [3500],
+                                        tokens=2) for i in range(200)], 1000 * 1_000_000, 3000 * 1_000_000)
+    assert not fell_behind_arrivals(swelling)
+    as_swelling = LoadSpec(mode="open", request_rate_rps=arrival_rate(swelling))
+    as_sent = LoadSpec(mode="open", request_rate_rps=arrival_rate(behind))
+    for counted, table_of in ((open_loop_rate(stats, load.model_copy(update={"concurrency": 4}), table), table),
+                              (open_loop_rate(stats, as_sent, behind), behind),
+                              (open_loop_rate(stats, as_swelling, swelling), swelling),
+                              (open_loop_rate(stats, LoadSpec(mode="open", request_rate_rps=20.0), table), table),
+                              (open_loop_rate(make_probe(rps=9.0).stats, load, table), table)):
+        assert counted.rate_source == "arrivals" and counted.request_rate_rps == pytest.approx(arrival_rate(table_of))
+        assert counted.output_tok_s == stats.output_tok_s  # the flows stay as measured
+        assert counted.request_rate_rps_ci == arrival_flow(table_of)[1]
     assert open_loop_rate(stats, LoadSpec(mode="closed", concurrency=2), table) is stats
-    assert opened.request_rate_rps_ci == arrival_flow(table)[1]
+
+
+def test_a_client_that_sent_far_fewer_than_offered_says_so_and_counts_them():
+    """200 Poisson arrivals at 10 req/s in 20 s where 20 req/s were offered: a starved client."""
+    rng = np.random.default_rng(0)
+    starts = np.cumsum(rng.exponential(100, 240)).astype(int)
+    records = [_rec(int(t), [int(t) + 20, int(t) + 30], tokens=2) for t in starts]
+    run = LoadRun(records, 1000 * 1_000_000, 21_000 * 1_000_000)
+    result = measure_run(run, (10.0, 2.0), LoadSpec(mode="open", request_rate_rps=20.0))
+    assert result.stats.rate_source == "arrivals" and result.stats.request_rate_rps == pytest.approx(10, rel=0.2)
+    assert any("the client sent" in w and "20 offered" in w for w in result.warnings), result.warnings
+    kept = measure_run(run, (10.0, 2.0), LoadSpec(mode="open", request_rate_rps=10.0))
+    assert kept.stats.rate_source == "offered" and not any("the client sent" in w for w in kept.warnings)
 
 
 def test_an_open_loops_count_carries_the_poisson_noise_of_its_long_run_rate():

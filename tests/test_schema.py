@@ -120,17 +120,26 @@ def _record(stats, load: LoadSpec) -> dict:
 
 
 def test_what_the_client_measures_passes_the_checks():
-    """Window statistics as measured (a flow, cut requests, failures), an open loop's counted
-    arrivals and an older record's offered rate written as the probe's, read back through the schema."""
+    """Window statistics as measured (a flow, cut requests, failures), a capped open loop's counted
+    arrivals, an open loop's offered rate where its server kept up, and an older record's, read
+    back through the schema."""
     records = [_stream(t * 0.1, 20) for t in range(200)]
     records += [_stream(3.05, 7, error="cancelled"), _stream(2.0, 0, error="disconnect")]
     stats = window_stats(records, int(1e9), int(15e9), lengths=(200.0, 20.0))
     closed = LoadSpec(mode="closed", concurrency=8)
     ProbeRecord.model_validate(_record(stats, closed))
     opened = LoadSpec(mode="open", request_rate_rps=stats.request_rate_rps * 0.99)
-    arrivals = open_loop_rate(stats, opened, table_from_records(records, int(1e9), int(15e9)))
+    table = table_from_records(records, int(1e9), int(15e9))
+    capped = opened.model_copy(update={"concurrency": 8})
+    arrivals = open_loop_rate(stats, capped, table)
     assert arrivals.rate_source == "arrivals" and arrivals.request_rate_rps != stats.request_rate_rps
-    ProbeRecord.model_validate(_record(arrivals, opened))
+    ProbeRecord.model_validate(_record(arrivals, capped))
+    assert open_loop_rate(stats, opened, table).rate_source == "arrivals"  # a request failed
+    served = records[:200]
+    kept_up = open_loop_rate(window_stats(served, int(1e9), int(15e9), lengths=(200.0, 20.0)), opened,
+                             table_from_records(served, int(1e9), int(15e9)))
+    assert kept_up.rate_source == "offered"
+    ProbeRecord.model_validate(_record(kept_up, opened))
     # Older records set an open loop's rates to its offered rate where the flow kept up.
     offered = stats.model_copy(update={"request_rate_rps": opened.request_rate_rps, "rate_source": "offered",
                                        "output_tok_s": opened.request_rate_rps * 20.0,

@@ -9,12 +9,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pricing.capacity.curve import BIG, Capacity, Point, capacity_from_points
-from pricing.load.settle import grew_beyond_noise
 from pricing.measure.requests import (
     RequestTable,
     arrival_rate,
-    backlog,
     cohort,
+    fell_behind_arrivals,
     latest_part,
     prompt_token_flow,
     still_filling,
@@ -58,37 +57,25 @@ def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -
 # per-request records are missing: at 4 req/s of WildChat on an H200 (75 arrivals) the window's
 # flow was 30% below the population's mean OSL x arrivals while the server kept up.
 KEPT_UP_SHARE = 0.9
-# With per-request records, the server fell behind when, during the window and beyond noise
-# (3 x the Poisson sd of the two counts), either
-# - the requests queued for their first token grew by more than QUEUE_SHARE of the window's
-#   arrivals: arrivals outpaced admissions. Over 34 open H200 probes that kept up (2.7-17.6
-#   req/s, saturation about 17.5) this growth stayed at or below -0.1% of arrivals; the two at 25
-#   req/s grew by 22% and 33% (TTFT p90 9-14 s); the simulated engine 25% past its saturation, 8%;
-# - or the requests in the server grew by more than BACKLOG_SHARE of them: vLLM admits all it
-#   has room for and the batch swells. The same 34 grew by up to 31% (heavy-tailed answers: the
-#   count ramps for as long as the longest last); two at 23-25 req/s whose windows still met
-#   Baseline grew by 47% and 56%.
-QUEUE_SHARE = 0.01
-BACKLOG_SHARE = 0.4
+# With per-request records, measure.requests.fell_behind_arrivals decides.
 
 
 def fell_behind(rec: ProbeRecord, arrival_rps: float, table: RequestTable | None = None) -> bool:
     """An open-loop probe above what the server can serve (on an H200, 24 req/s sent against a
     19 req/s closed-loop saturation still met a 1 s TTFT p90 in a 28 s window: the requests in the
     server grew from 5 to 367). Read from the requests in the server and those queued for their
-    first token (BACKLOG_SHARE, QUEUE_SHARE) where the per-request records are at hand,
+    first token (measure.requests.fell_behind_arrivals) where the per-request records are at hand,
     else from the output flow against what the arrivals ask for (rate x mean OSL). Older records
     (rate_source "flow") opened their window with the first completion, while the server still
     filled, so only the flow can say, less that ramp (about E2E p90 / (2 x window), which matched
     8 of 9 stable H200 probes within 6%). Records whose flows were set to the offered rate
-    (rate_source "offered") cannot say."""
+    (rate_source "offered") kept up: their probe judged so, by a stricter rule where it had the
+    per-request records (measure.requests.kept_up_with_arrivals), by the flow in older records."""
     stats = rec.stats
     if rec.load.mode != "open" or stats.rate_source == "offered":
         return False
     if table is not None and stats.rate_source == "arrivals":
-        b = backlog(table)
-        return (grew_beyond_noise(b.queued_at_open, b.queued_at_close, QUEUE_SHARE * b.arrivals)
-                or grew_beyond_noise(b.at_open, b.at_close, BACKLOG_SHARE * b.arrivals))
+        return fell_behind_arrivals(table)
     if stats.lengths_mean is None or stats.output_tok_s_ci is None or stats.output_tok_s_ci[1] is None:
         return False
     ramp = 1.0

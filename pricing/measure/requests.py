@@ -184,6 +184,45 @@ def backlog(table: RequestTable) -> Backlog:
                    queued_at_close=held(admitted, w), arrivals=int(((start >= 0) & (start <= w)).sum()))
 
 
+# The server fell behind its arrivals when, during the window and beyond noise (3 x the Poisson
+# sd of the two counts), either
+# - the requests queued for their first token grew by more than QUEUE_SHARE of the window's
+#   arrivals: arrivals outpaced admissions. Over 34 open H200 probes that kept up (2.7-17.6
+#   req/s, saturation about 17.5) this growth stayed at or below -0.1% of arrivals; the two at 25
+#   req/s grew by 22% and 33% (TTFT p90 9-14 s); the simulated engine 25% past its saturation, 8%;
+# - or the requests in the server grew by more than BACKLOG_SHARE of them: vLLM admits all it
+#   has room for and the batch swells. The same 34 grew by up to 31% (heavy-tailed answers: the
+#   count ramps for as long as the longest last); two at 23-25 req/s whose windows still met
+#   Baseline grew by 47% and 56%.
+QUEUE_SHARE = 0.01
+BACKLOG_SHARE = 0.4
+
+
+def fell_behind_arrivals(table: RequestTable) -> bool:
+    """An open loop's server did not keep up with its arrivals during the window (the rule above)."""
+    b = backlog(table)
+    return (grew_beyond_noise(b.queued_at_open, b.queued_at_close, QUEUE_SHARE * b.arrivals)
+            or grew_beyond_noise(b.at_open, b.at_close, BACKLOG_SHARE * b.arrivals))
+
+
+# An open loop's server surely kept up with its arrivals when the requests in it grew during the
+# window by no more than this share of them (and one more): what it served in the window fell
+# short of its arrivals by that growth, so reading the offered rate as the rate served overstates
+# it by no more than this. Not falling behind beyond noise (fell_behind_arrivals) is not enough:
+# on an H200 at 18.8 req/s, past its saturation (TPOT p90 85 ms and rising), the requests in the
+# server grew 244 -> 569 over 2,309 arrivals (14%) while no more than 29 waited for a first
+# token; on the simulated engine at 1.1x its saturation, 225 -> 283 over 1,272 (4.6%). Stable H200
+# windows of 2 minutes grew by 0.6% (9.5 and 11.0 req/s), 1.6% (14.2) and 2.9% (17.6).
+KEPT_UP_SHARE = 0.03
+
+
+def kept_up_with_arrivals(table: RequestTable) -> bool:
+    """An open loop's server surely kept up with its arrivals during the window (KEPT_UP_SHARE),
+    and by the pricer's rule it did not fall behind (fell_behind_arrivals)."""
+    b = backlog(table)
+    return b.at_close - b.at_open <= KEPT_UP_SHARE * b.arrivals + 1 and not fell_behind_arrivals(table)
+
+
 # The share of a window, at its end, that judges it when the server was still filling.
 LATEST_SHARE = 1 / 3
 

@@ -30,7 +30,8 @@ def describe_probe(rec: ProbeRecord) -> str:
     tpot = f"{s.tpot_s.p90 * 1e3:.1f} ms" if s.tpot_s.p90 is not None else "-"
     passed = "not judged (the server failed)" if rec.abort in SERVER_ABORTS else ", ".join(rec.tiers_passed) or "none"
     return (
-        f"#{rec.probe_index} {describe_load(rec.load)}: {s.request_rate_rps:.2f} req/s, "
+        f"#{rec.probe_index} {describe_load(rec.load)}: {s.request_rate_rps:.2f} req/s"
+        + (" (kept up: served as offered)" if s.rate_source == "offered" else "") + ", "
         f"{s.output_tok_s:.0f} out tok/s, p90 TTFT {ttft}, p90 TPOT {tpot}, errors {s.failed}; passes: {passed}"
         + (f" [{rec.note}]" if rec.note else "")
         + _cache_warning(rec)
