@@ -8,8 +8,8 @@ profile at several closed-loop concurrencies (clients think 50 ms between reques
 sim_setup.THINK_S) and one Poisson rate, every probe (default ProbePlan,
 the default tiers deciding its length) prints its error in output tok/s, input tok/s, req/s, TTFT
 p90 and TPOT p90 (and the window's own samples of the flows), and whether its 95% intervals
-cover the truth; and one open-loop probe past saturation, which must not read as keeping up (an
-open loop that keeps up reports its offered rate: measure.probe.open_loop_rate). Beside them, the same p90s
+cover the truth; and one open-loop probe past saturation, which must not read as serving its
+offered rate (measure.probe.open_loop_rate). Beside them, the same p90s
 against the mock's own record of the same requests (`/mock/timeline`: kernel arrival stamp and
 the write of each chunk): what the client adds, apart from how far the engine, run in real time
 on a shared CPU, strays from its offline model. The last line reads
@@ -125,7 +125,7 @@ OVERLOAD = 1.1
 
 
 def judged_kept_up(url: str, traffic: Traffic, rate_rps: float, offset: int, plan: ProbePlan) -> bool:
-    """Whether an open-loop probe at `rate_rps` read its server as keeping up (flows at the offered rate)."""
+    """Whether an open-loop probe at `rate_rps` read its server as serving that rate (rate_source offered)."""
     cfg = ClientConfig(base_url=url, model="mock-model", seed=offset)
     with aio.paused_gc():
         result = aio.run(run_probe(cfg, LoadSpec(mode="open", request_rate_rps=rate_rps), traffic.cycle(offset), plan,
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = judged_kept_up(mock.url, traffic, over, offset=1000 * len(rows) + 5, plan=plan)
             overloads.append(kept)
             print(f"{traffic.name:<14}open {over:g} ({OVERLOAD:g} x saturation): judged "
-                  f"{'kept up (wrong)' if kept else 'fallen behind'}", flush=True)
+                  f"{'serving it (wrong)' if kept else 'not serving it'}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     n = len(rows)
@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     worst = {k: max(abs(r[k]) for r in rows)
              for k in ("in", "out", "rps", "ttft_p90", "tpot_p90", "in_measured", "out_measured")}
     opened = [r for r in rows if r["load"].startswith("open")]
-    print(f"open-loop probes judged kept up (flows at the offered rate): {sum(r['kept_up'] for r in opened)}/"
+    print(f"open-loop probes read as serving the offered rate: {sum(r['kept_up'] for r in opened)}/"
           f"{len(opened)}, stable in the offline truth: {sum(r['stable'] for r in opened)}/{len(opened)}; "
-          f"past saturation: {sum(overloads)}/{len(overloads)} judged kept up")
+          f"past saturation: {sum(overloads)}/{len(overloads)}")
     print(f"max latency error: TTFT p90 {worst['ttft_p90']:.1%}, TPOT p90 {worst['tpot_p90']:.1%}; "
           f"the window's own samples: prompts of first tokens in it {worst['in_measured']:.1%}, "
           f"output tokens streamed in it {worst['out_measured']:.1%}; "

@@ -13,6 +13,7 @@ from pricing.load import settle
 from pricing.load.loops import OPEN_WARMUP_UNITS
 from pricing.load.settle import SETTLE_E2E_P90S, UnitShape, e2e_p90_estimate_s, request_shapes, settled
 from pricing.measure.probe import run_probe
+from pricing.measure.requests import served_share
 from pricing.measure.window import tpot_s, ttft_s
 from pricing.schema import LoadSpec
 from pricing.testing.mock_server import Faults, LatencyModel, MockConfig
@@ -117,10 +118,12 @@ async def test_an_open_loops_window_opens_once_its_first_arrivals_have_all_ended
     # The server had long settled (load.settle: 3 x 50 ms): the controller's next tick opens it.
     assert 0 <= result.window_start_ns - max(r.end_ns for r in first) < 0.2e9
     in_window = [r for r in result.records if result.window_start_ns <= r.start_ns <= result.window_end_ns]
-    # The server kept up: the offered rate is the one it serves, and the window's count a sample of it.
-    assert result.stats.rate_source == "offered" and result.stats.request_rate_rps == 40.0
+    # The server kept up: it serves the offered rate where it served 97% of it in the window, else
+    # the window's count says what it served.
     window_s = (result.window_end_ns - result.window_start_ns) / 1e9
-    assert len(in_window) / window_s == pytest.approx(40.0, rel=0.5)
+    offered = served_share(result.table, 40.0) >= 0.97
+    assert result.stats.request_rate_rps == pytest.approx(40.0 if offered else len(in_window) / window_s, rel=0.02)
+    assert result.stats.rate_source == ("offered" if offered else "arrivals")
 
 
 async def test_an_open_loops_window_waits_until_the_server_has_filled(mock_server):

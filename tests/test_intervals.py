@@ -111,20 +111,25 @@ def test_cohort_follows_each_first_token_of_the_window_to_its_end():
 
 
 def test_an_open_loop_that_kept_up_serves_its_offered_rate_else_it_counts_its_arrivals():
-    """A window of 2 s holding 3 request starts, offered 2 req/s. The server kept up (as many in it
-    and queued at the close as at the opening): 2 req/s and the flows at the traffic's mean
-    lengths, exact. Capped in flight, a queue outgrowing the arrivals, a client that sent far
-    fewer than offered, or no mean lengths: the starts counted, and the flows as measured."""
+    """A window of 2 s holding 3 request starts (1.5 req/s) and a server that kept up with them (as
+    many in it at the close as at the opening). Offered 1.5 req/s: it served that, so the offered
+    rate and the flows at the traffic's mean lengths, exact. Offered 2: fewer came than offered,
+    so the 3 starts counted and the flows at that rate. Capped in flight, a queue outgrowing the
+    arrivals, a batch swelling by 5% of them, or no mean lengths: the starts counted and the flows
+    as measured."""
 
     records = [_rec(900, [950, 960], tokens=2), _rec(1000, [1100, 1200], tokens=2), _rec(2000, [2100, 2150], tokens=2),
                _rec(2999, [3100, 3200], tokens=2), _rec(3001, [3100, 3200], tokens=2)]
     table = table_from_records(records, 1000 * 1_000_000, 3000 * 1_000_000)
     assert arrival_rate(table) == pytest.approx(1.5)
     stats = make_probe(rps=9.0).stats.model_copy(update={"lengths_mean": (500.0, 100.0)})
+    kept = open_loop_rate(stats, LoadSpec(mode="open", request_rate_rps=1.5), table)
+    assert kept.rate_source == "offered" and kept.request_rate_rps == 1.5 and kept.request_rate_rps_ci == (1.5, 1.5)
+    assert (kept.input_tok_s, kept.output_tok_s) == (750.0, 150.0) and kept.output_tokens == stats.output_tokens
     load = LoadSpec(mode="open", request_rate_rps=2.0)
-    kept = open_loop_rate(stats, load, table)
-    assert kept.rate_source == "offered" and kept.request_rate_rps == 2.0 and kept.request_rate_rps_ci == (2.0, 2.0)
-    assert (kept.input_tok_s, kept.output_tok_s) == (1000.0, 200.0) and kept.output_tokens == stats.output_tokens
+    short = open_loop_rate(stats, load, table)
+    assert short.rate_source == "arrivals" and short.request_rate_rps == pytest.approx(1.5)
+    assert (short.input_tok_s, short.output_tok_s) == pytest.approx((750.0, 150.0))
 
     # 30 more arrivals late in the window, none admitted by its close: the queue outgrew the arrivals.
     behind = table_from_records(records + [_rec(2500 + 15 * i, [3500], tokens=1) for i in range(30)],
@@ -139,7 +144,6 @@ def test_an_open_loop_that_kept_up_serves_its_offered_rate_else_it_counts_its_ar
     for counted, table_of in ((open_loop_rate(stats, load.model_copy(update={"concurrency": 4}), table), table),
                               (open_loop_rate(stats, as_sent, behind), behind),
                               (open_loop_rate(stats, as_swelling, swelling), swelling),
-                              (open_loop_rate(stats, LoadSpec(mode="open", request_rate_rps=20.0), table), table),
                               (open_loop_rate(make_probe(rps=9.0).stats, load, table), table)):
         assert counted.rate_source == "arrivals" and counted.request_rate_rps == pytest.approx(arrival_rate(table_of))
         assert counted.output_tok_s == stats.output_tok_s  # the flows stay as measured
@@ -156,7 +160,8 @@ def test_a_client_that_sent_far_fewer_than_offered_says_so_and_counts_them():
     result = measure_run(run, (10.0, 2.0), LoadSpec(mode="open", request_rate_rps=20.0))
     assert result.stats.rate_source == "arrivals" and result.stats.request_rate_rps == pytest.approx(10, rel=0.2)
     assert any("the client sent" in w and "20 offered" in w for w in result.warnings), result.warnings
-    kept = measure_run(run, (10.0, 2.0), LoadSpec(mode="open", request_rate_rps=10.0))
+    as_sent = LoadSpec(mode="open", request_rate_rps=result.stats.request_rate_rps)
+    kept = measure_run(run, (10.0, 2.0), as_sent)
     assert kept.stats.rate_source == "offered" and not any("the client sent" in w for w in kept.warnings)
 
 

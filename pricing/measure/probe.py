@@ -21,6 +21,7 @@ from pricing.load.run_state import LoadRun, OnRecord
 from pricing.load.sessions import SessionTraffic, drive_sessions
 from pricing.load.event_loop import paused_gc
 from pricing.measure.requests import (
+    KEPT_UP_SHARE,
     RequestTable,
     arrival_flow,
     arrival_rate,
@@ -28,6 +29,7 @@ from pricing.measure.requests import (
     cohort,
     kept_up_with_arrivals,
     prompt_token_flow,
+    served_share,
     still_filling,
     table_from_records,
 )
@@ -114,34 +116,41 @@ def open_loop_rate(stats: WindowStats, load: LoadSpec, table: RequestTable | Non
 
     Independent arrivals at a rate, uncapped, into a server that surely kept up with them
     (requests.kept_up_with_arrivals: the requests in it grew by no more than 3% of the window's
-    arrivals, so it served all but that), sent as offered (sent_as_offered), none failing: in the
-    long run it serves what is offered, so its request rate is the offered rate and its flows
-    that rate times the traffic's mean lengths as the server counted them (stats.lengths_mean),
-    exact (rate_source "offered"); the capacity (capacity.choice) is read on the same rate. The
-    window's counted arrivals, streamed output tokens and prefilled prompts are samples of these,
-    and noisy ones for a heavy-tailed profile: on the simulated engine at 60% of its saturation,
-    20-40 s windows of WildChat lengths streamed up to 9.7% more or less than the long run; they
+    arrivals, so it served all but that), none failing:
+    - where it served at least 97% of what the offered rate asks for in the window
+      (requests.served_share), it serves the offered rate in the long run: the request rate is
+      the offered rate and the flows that rate times the traffic's mean lengths as the server
+      counted them (stats.lengths_mean), exact (rate_source "offered"), the rate the capacity
+      (capacity.choice) is read on;
+    - else fewer arrived than offered and the window cannot say it would keep up with more: the
+      request rate is the arrivals counted (rate_source "arrivals"), the flows that count times
+      the mean lengths.
+    The window's streamed output tokens and prefilled prompts are samples of these flows, and
+    noisy ones for a heavy-tailed profile (on the simulated engine at 60% of its saturation,
+    20-40 s windows of WildChat lengths streamed up to 9.8% more or less than the long run); they
     stay on the record (output_tokens, input_tokens, measured_input_tok_s).
 
-    Otherwise (a server that may be falling behind or failing requests, a client that sent fewer
-    or more than offered beyond noise, a session's turns, a cap on requests in flight) the
-    request rate is the arrivals the window received, counted, with the interval of the long-run
-    rate it stands for (requests.arrival_flow); the flows stay as measured (a server that fell
-    behind serves less than its arrivals ask for)."""
+    Otherwise (a server that may be falling behind or failing requests, a session's turns, a cap
+    on requests in flight) the request rate is the arrivals the window received, counted, with
+    the interval of the long-run rate it stands for (requests.arrival_flow), and the flows stay
+    as measured (a server that fell behind serves less than its arrivals ask for)."""
     if load.mode != "open" or load.kind != "decode" or table is None or table.window_us <= 0:
         return stats
     offered = load.request_rate_rps
-    if (offered and not load.sessions and not load.concurrency and stats.lengths_mean is not None
-            and stats.failed == 0 and sent_as_offered(load, table) and kept_up_with_arrivals(table)):
-        isl, osl = stats.lengths_mean
+    rate, ci = arrival_flow(table)
+    counted = {"request_rate_rps": rate, "request_rate_rps_ci": ci, "rate_source": "arrivals"}
+    if not (offered and not load.sessions and not load.concurrency and stats.lengths_mean is not None
+            and stats.failed == 0 and kept_up_with_arrivals(table)):
+        return stats.model_copy(update=counted)
+    isl, osl = stats.lengths_mean
+    if served_share(table, offered) >= 1 - KEPT_UP_SHARE:
         return stats.model_copy(update={
             "request_rate_rps": offered, "request_rate_rps_ci": (offered, offered),
             "input_tok_s": offered * isl, "input_tok_s_ci": (offered * isl, offered * isl),
             "output_tok_s": offered * osl, "output_tok_s_ci": (offered * osl, offered * osl),
             "rate_source": "offered"})
-    rate, ci = arrival_flow(table)
-    return stats.model_copy(update={"request_rate_rps": rate, "request_rate_rps_ci": ci,
-                                    "rate_source": "arrivals"})
+    return stats.model_copy(update={**counted, "input_tok_s": rate * isl, "input_tok_s_ci": (ci[0] * isl, ci[1] * isl),
+                                    "output_tok_s": rate * osl, "output_tok_s_ci": (ci[0] * osl, ci[1] * osl)})
 
 
 def sent_as_offered(load: LoadSpec, table: RequestTable) -> bool:
