@@ -106,7 +106,7 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
         "out": _err(s.output_tok_s, out_tok_s), "in": _err(s.input_tok_s, in_tok_s), "rps": _err(s.request_rate_rps, rps),
         "in_measured": _err(s.measured_input_tok_s, in_tok_s),
         "out_measured": _err(s.output_tokens / s.window_s if s.window_s else None, out_tok_s),
-        "kept_up": s.rate_source == "offered", "stable": truth.stable,
+        "served_as_offered": s.rate_source == "offered", "stable": truth.stable,
         "ttft_p90": _err(s.ttft_s.p90, truth.ttft_s.p90), "tpot_p90": _err(s.tpot_s.p90, truth.tpot_s.p90),
         "ttft_covered": _covers(s.ttft_s.p90_ci, truth.ttft_s.p90),
         "tpot_covered": _covers(s.tpot_s.p90_ci, truth.tpot_s.p90),
@@ -124,7 +124,7 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
 OVERLOAD = 1.1
 
 
-def judged_kept_up(url: str, traffic: Traffic, rate_rps: float, offset: int, plan: ProbePlan) -> bool:
+def judged_serving_offered(url: str, traffic: Traffic, rate_rps: float, offset: int, plan: ProbePlan) -> bool:
     """Whether an open-loop probe at `rate_rps` read its server as serving that rate (rate_source offered)."""
     cfg = ClientConfig(base_url=url, model="mock-model", seed=offset)
     with aio.paused_gc():
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f"  realized covered: {'y' if row['realized_ttft_covered'] else 'n'}, "
                              f"{'y' if row['realized_tpot_covered'] else 'n'}" if real is not None else ""), flush=True)
             over = round(OVERLOAD * saturation, 3)
-            kept = judged_kept_up(mock.url, traffic, over, offset=1000 * len(rows) + 5, plan=plan)
+            kept = judged_serving_offered(mock.url, traffic, over, offset=1000 * len(rows) + 5, plan=plan)
             overloads.append(kept)
             print(f"{traffic.name:<14}open {over:g} ({OVERLOAD:g} x saturation): judged "
                   f"{'serving it (wrong)' if kept else 'not serving it'}", flush=True)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = {k: max(abs(r[k]) for r in rows)
              for k in ("in", "out", "rps", "ttft_p90", "tpot_p90", "in_measured", "out_measured")}
     opened = [r for r in rows if r["load"].startswith("open")]
-    print(f"open-loop probes read as serving the offered rate: {sum(r['kept_up'] for r in opened)}/"
+    print(f"open-loop probes read as serving the offered rate: {sum(r['served_as_offered'] for r in opened)}/"
           f"{len(opened)}, stable in the offline truth: {sum(r['stable'] for r in opened)}/{len(opened)}; "
           f"past saturation: {sum(overloads)}/{len(overloads)}")
     print(f"max latency error: TTFT p90 {worst['ttft_p90']:.1%}, TPOT p90 {worst['tpot_p90']:.1%}; "

@@ -289,6 +289,12 @@ class LoadSpec(Frozen):
         return self.kind != "decode"
 
     @property
+    def independent_arrivals(self) -> bool:
+        """An open loop of independent requests at its rate, nothing capping those in flight: a
+        server that keeps up serves the offered rate in the long run."""
+        return self.mode == "open" and not self.sessions and not self.concurrency
+
+    @property
     def replays_sessions(self) -> bool:
         """Prompts that extend the session's last prompt and answer (a session sweep's `prefill`
         probe sends the same lengths as fresh prompts: the cost of an uncached token)."""

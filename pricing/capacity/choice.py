@@ -101,7 +101,7 @@ def tier_point(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> 
         return None  # a session replay that did not fill its window: too few requests (sweep.sessions_stop)
     stats = rec.stats
     table = probe.table(warn) if rec.load.mode == "open" else None
-    if rec.load.mode == "open" and not rec.load.sessions and not rec.load.concurrency:
+    if rec.load.independent_arrivals:
         # Independent arrivals at the offered rate, uncapped: a server that keeps up serves that
         # rate in the long run, and the window's count of them is it plus Poisson noise (+5% in
         # 20 s at 61 req/s put a simulated engine's open Baseline 9.6% above the truth; the

@@ -286,8 +286,8 @@ async def run_sweep(spec: SweepSpec, probe: ProbeFn, out_path: Path, events: Swe
         # them the pricer can only fall back to a fixed ratio.
         if spec.prefill_probes:
             kinds: tuple[Kind, ...] = ("prefill", "prefill_cached") if spec.sessions else ("prefill",)
-            found = sorted({c.level for c in known.values()})
-            wanted = [(level, kind) for level in found for kind in kinds]
+            levels = sorted({c.level for c in known.values()})
+            wanted = [(level, kind) for level in levels for kind in kinds]
             for level, kind in wanted:
                 if level not in state.levels("closed", kind):
                     await state.measure("closed", level, kind)

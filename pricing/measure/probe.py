@@ -21,7 +21,7 @@ from pricing.load.run_state import LoadRun, OnRecord
 from pricing.load.sessions import SessionTraffic, drive_sessions
 from pricing.load.event_loop import paused_gc
 from pricing.measure.requests import (
-    KEPT_UP_SHARE,
+    KEPT_UP_GROWTH_SHARE,
     RequestTable,
     arrival_flow,
     arrival_rate,
@@ -139,11 +139,11 @@ def open_loop_rate(stats: WindowStats, load: LoadSpec, table: RequestTable | Non
     offered = load.request_rate_rps
     rate, ci = arrival_flow(table)
     counted = {"request_rate_rps": rate, "request_rate_rps_ci": ci, "rate_source": "arrivals"}
-    if not (offered and not load.sessions and not load.concurrency and stats.lengths_mean is not None
+    if not (offered and load.independent_arrivals and stats.lengths_mean is not None
             and stats.failed == 0 and kept_up_with_arrivals(table)):
         return stats.model_copy(update=counted)
     isl, osl = stats.lengths_mean
-    if served_share(table, offered) >= 1 - KEPT_UP_SHARE:
+    if served_share(table, offered) >= 1 - KEPT_UP_GROWTH_SHARE:
         return stats.model_copy(update={
             "request_rate_rps": offered, "request_rate_rps_ci": (offered, offered),
             "input_tok_s": offered * isl, "input_tok_s_ci": (offered * isl, offered * isl),
@@ -197,16 +197,15 @@ def measure_run(run: LoadRun, lengths: tuple[float, float] | None = None, load: 
     if load is not None:
         stats = prefill_flow(open_loop_rate(stats, load, table), load, table)
     warnings = [w for w in (_prompt_wait_warning(run.prompt_wait_s, stats.e2e_s.mean),) if w]
-    if load is not None and load.mode == "open" and load.kind == "decode" and table.window_us > 0 and still_filling(table):
+    open_window = load is not None and load.mode == "open" and load.kind == "decode" and table.window_us > 0
+    if open_window and still_filling(table):
         b = backlog(table)
         warnings.append(f"the server was still filling when the window closed (requests in it {b.at_open} -> "
                         f"{b.at_close}): the window flatters it; no pass is sure, and its latest third judges the tiers it meets")
-    if (load is not None and load.mode == "open" and load.kind == "decode" and table.window_us > 0
-            and load.request_rate_rps and not load.sessions and not load.concurrency
-            and not sent_as_offered(load, table)):
+    if open_window and load.independent_arrivals and load.request_rate_rps and not sent_as_offered(load, table):
+        # Fewer than offered never read as the offered rate (requests.served_share); more can.
         warnings.append(f"the client sent {arrival_rate(table):.4g} req/s in the window, beyond noise of the "
-                        f"{load.request_rate_rps:g} offered: the rates are the arrivals counted (an overloaded "
-                        "client host, or a bug)")
+                        f"{load.request_rate_rps:g} offered (an overloaded client host, or a bug)")
     if run.warmup_capped:
         warnings.append("the window opened at the warm-up's cap (load.settle), before the server had filled: near "
                         "saturation it flatters the server; no pass is sure, and its latest third judges the tiers it "

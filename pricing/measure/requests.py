@@ -212,14 +212,14 @@ def fell_behind_arrivals(table: RequestTable) -> bool:
 # 2,309 arrivals (14%) while no more than 29 waited for a first token; on the simulated engine
 # at 1.1x its saturation, 225 -> 283 over 1,272 (4.6%). Stable H200 windows of 2 minutes grew by
 # 0.6% (9.5 and 11.0 req/s), 1.6% (14.2) and 2.9% (17.6).
-KEPT_UP_SHARE = 0.03
+KEPT_UP_GROWTH_SHARE = 0.03
 
 
 def kept_up_with_arrivals(table: RequestTable) -> bool:
-    """An open loop's server surely kept up with the arrivals its window received (KEPT_UP_SHARE),
+    """An open loop's server surely kept up with the arrivals its window received (KEPT_UP_GROWTH_SHARE),
     and by the pricer's rule it did not fall behind (fell_behind_arrivals)."""
     b = backlog(table)
-    return b.at_close - b.at_open <= KEPT_UP_SHARE * b.arrivals + 1 and not fell_behind_arrivals(table)
+    return b.at_close - b.at_open <= KEPT_UP_GROWTH_SHARE * b.arrivals + 1 and not fell_behind_arrivals(table)
 
 
 def served_share(table: RequestTable, offered_rps: float) -> float:
