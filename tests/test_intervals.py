@@ -249,9 +249,20 @@ def test_an_open_loop_window_short_of_arrivals_is_judged_on_what_it_holds(e2e_ms
     point = tier_point(SourcedProbe(rec, requests=table), tier)
     assert (point.severity_low == BIG) is sure_fail  # a sure fail (by how much: its latest third's TTFT)
     if not sure_fail:
-        assert point.severity == pytest.approx(max(0.1 / 1.0, 0.01 / 0.05))  # make_probe's p90s over the limits
+        assert point.severity == pytest.approx(max(1.0 / 1.0, 1.0 / 0.05))  # its requests' p90s (1 s apart) over the limits
     closed = rec.model_copy(update={"load": LoadSpec(mode="closed", concurrency=4)})
     assert tier_point(SourcedProbe(closed, requests=table), tier).severity == BIG  # a slow server
+
+
+def test_a_probe_is_judged_by_its_per_request_records_not_by_the_p90s_its_line_stored():
+    """The line's p90s were computed by the code of the day; the records recompute them by
+    today's (a TTFT of 1 s each against a line that says 0.1 s)."""
+    records = [_rec(round(t), [round(t + 1000), round(t + 1010)], tokens=2) for t in np.arange(-5000, 20_000, 250.0)]
+    table = table_from_records(records, 0, 20_000 * 1_000_000)
+    rec = make_probe(rps=4.0, window_s=20.0, ttft=0.1, tpot=0.01, level=4)
+    tier = SloTier(name="T", ttft_s=0.5, tpot_s=0.05)
+    assert tier_point(SourcedProbe(rec), tier).severity == pytest.approx(0.2)  # no records: the line's
+    assert tier_point(SourcedProbe(rec, requests=table), tier).severity == pytest.approx(2.0)
 
 
 def test_an_open_loop_capacity_is_at_the_offered_rate_not_the_windows_count():

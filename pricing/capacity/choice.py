@@ -41,14 +41,15 @@ def _figures_of(table: RequestTable, tier: SloTier) -> Figures:
 
 
 def tier_figures(probe: SourcedProbe, tier: SloTier, warn: Warn | None = None) -> Figures:
-    """TTFT and TPOT at the tier's percentile: stored on the probe line for p50/p90/p99, else
-    computed from its per-request records ((None, None) when it has none)."""
+    """TTFT and TPOT at the tier's percentile, computed from the probe's per-request records where
+    it has them (so records measured before a change to the intervals are judged by today's),
+    else as stored on the probe line for p50/p90/p99 ((None, None) for another percentile)."""
+    table = probe.table(warn)
+    if table is not None and table.window_us > 0:
+        return _figures_of(table, tier)
     if tier.percentile in STORED_PERCENTILES:
         return stored_figures(probe.record.stats, tier)
-    table = probe.table(warn)
-    if table is None:
-        return {"ttft": (None, None), "tpot": (None, None)}
-    return _figures_of(table, tier)
+    return {"ttft": (None, None), "tpot": (None, None)}
 
 
 # An open loop whose output flow's 95% interval stays below this share of what its arrivals ask
