@@ -8,7 +8,8 @@ time, and each default tier's capacity (request rate) is compared with `sim_trut
 loop (`--mode closed`: the highest whole concurrency meeting the tier; clients think 50 ms between
 requests, sim_setup.THINK_S says why) or Poisson arrivals
 (`--mode open`: the closed-loop search, then the open-loop step; the highest rate meeting it).
-Per tier it prints the error, whether the 95% interval covers the truth, and the probes and
+Per tier it prints the error, whether the 95% interval covers the truth (and which end, if any,
+the probes could not bound), and the probes and
 wall time used. The last line reads `max tier error X% in N probes` (N: the median over runs of
 the decode probes of the mode's search).
 """
@@ -80,14 +81,18 @@ def main(argv: list[str] | None = None) -> int:
                 truth, cap = truths[tier.name], found[tier.name]
                 rate = cap.rate_rps if cap.kind == "found" else None
                 error = abs(rate - truth.request_rate_rps) / truth.request_rate_rps if rate else float("inf")
-                covered = (cap.rate_low is not None and cap.rate_high is not None
-                           and cap.rate_low <= truth.request_rate_rps <= cap.rate_high)
+                # An interval open at one end holds the truth when its other end does, and says so:
+                # it is the pricer's "not bounded" (a warning), not a miss.
+                low_ok = cap.rate_low is None or cap.rate_low <= truth.request_rate_rps
+                high_ok = cap.rate_high is None or truth.request_rate_rps <= cap.rate_high
+                open_end = " (open below)" if cap.rate_low is None else " (open above)" if cap.rate_high is None else ""
+                covered = "y" + open_end if low_ok and high_ok else "n" + open_end
                 errors.append(error)
                 where = f"c={cap.level:g}" if args.mode == "closed" and cap.level is not None else ""
                 print(f"{traffic.name:<14}{seed:>5}  {tier.name:<9}{truth.request_rate_rps:>9.3f} req/s"
                       f"{'' if args.mode == 'open' else f' c={truth.level:g}':>7}"
                       f"{(f'{rate:.3f} req/s ' if rate else cap.kind):>16}{where:>6}{error:>8.1%}  "
-                      f"{'y' if covered else 'n'}", flush=True)
+                      f"{covered}", flush=True)
             used = outcome.open_probes_run if args.mode == "open" else outcome.probes_run
             probes.append(used)
             walls.append(wall)
