@@ -87,6 +87,15 @@ def test_violated_at_the_lowest_load_steps_down_then_gives_up():
     assert points[0].level == 16 and points[1].level > 16 / 4 - 1 and cap.level == 3 and len(points) <= 5
 
 
+def test_a_crossing_bounded_at_neither_end_looks_higher_once_it_cannot_look_lower():
+    """Two undecided probes at c=1 (under the limit) and c=4 (over it): nothing below c=1 to try,
+    so the next probe bounds the crossing from above."""
+    pts = [Point(1, 0.8, 0.7, BIG, 2, 2, 2), Point(4, 1.1, 0.6, BIG, 4, 4, 4)]
+    assert capacity_from_points(pts, integer=True).level_low is None
+    level = tier_next_level(pts, SearchParams(), {1.0, 4.0})
+    assert level is not None and level > 4
+
+
 def test_one_noisy_probe_does_not_set_the_capacity():
     """A lucky pass above the crossing (a winner's curse for 'highest passing probe') is pooled
     with its neighbours by the monotone fit."""

@@ -153,7 +153,11 @@ def tier_next_level(points: Sequence[Point], params: SearchParams, tried: Collec
     if cap.level_low is None:  # nothing surely within the limit below the crossing: look lower
         below = x * (1 - step)
         below = min(round(below), math.floor(x)) if params.integer else below
-        return _untried([below, x / 2, levels[0] / 2], tried, params)
+        lower = _untried([below, x / 2, levels[0] / 2], tried, params)
+        # At the lowest level already, the other end may still be open: bound that instead (the
+        # demo's tiny server on 2 cores: c=1 and c=4 both undecided, Baseline left at "c=2 ± ?").
+        if lower is not None or cap.level_high is not None:
+            return lower
     if cap.level_high is None:  # nothing surely beyond it above: look higher
         above = x * (1 + step)
         above = max(round(above), math.floor(x) + 1) if params.integer else above
