@@ -28,7 +28,7 @@ Interval = tuple[float, float]  # (low, high); high may be inf when the sample c
 
 def _batch_means_inflation(series: np.ndarray, k: int) -> float:
     size = series.size // k
-    if k < 3 or size < MIN_BATCH:
+    if size < MIN_BATCH:
         return 1.0
     means = series[: k * size].reshape(k, size).mean(axis=1)
     iid = series.var(ddof=1) / series.size
