@@ -1,6 +1,6 @@
 """Each probe's error against the exact truth of a simulated continuous-batching engine.
 
-    python benchmarks/probe_accuracy.py [--quick] [--repeats N]
+    python benchmarks/probe_accuracy.py [--quick] [--repeats N] [--one-at-a-time]
 
 The mock server runs `pricing.testing.sim_engine` in real time; `pricing.testing.sim_truth` computes
 the same engine's steady state offline, on the same (ISL, OSL) pairs. For a fixed and a WildChat
@@ -13,15 +13,19 @@ must not read as serving its offered rate (measure.probe.open_loop_rate). Beside
 against the mock's own record of the same requests (`/mock/timeline`: kernel arrival stamp and
 the write of each chunk): what the client adds, apart from how far the engine, run in real time
 on a shared CPU, strays from its offline model. The last line reads
-`max flow error X% (input tok/s, output tok/s, req/s)`.
+`max flow error X% (input tok/s, output tok/s, req/s)`. The two profiles run side by side, each
+on its own mock server (`--one-at-a-time`: one after the other): `--quick` takes about 4 min
+so, 6.5 one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -139,50 +143,72 @@ def _truth(traffic: Traffic, load: LoadSpec) -> TruthPoint:
     return open_loop_truth(ENGINE, traffic.pairs, load.request_rate_rps, seed=0, cache_dir=CACHE)
 
 
+def _row_line(row: dict, realized_too: bool) -> str:
+    covered = ", ".join("y" if row[k] else "n" for k in ("ttft_covered", "tpot_covered", "rps_covered", "out_covered"))
+    return (f"{row['profile']:<14}{row['load']:<14}{row['window_s']:>7.1f}s{row['ttft_n']:>7}"
+            f"{row['out']:>+8.1%}{row['in']:>+8.1%}{row['rps']:>+8.1%}{row['in_measured']:>+9.1%}{row['out_measured']:>+9.1%}"
+            f"{row['ttft_p90']:>+10.1%}{row['tpot_p90']:>+10.1%}  {covered:<32}"
+            f"{row['ttft_vs_server']:>+6.1%}, {row['tpot_vs_server']:+.1%}"
+            + (f"  realized covered: {'y' if row['realized_ttft_covered'] else 'n'}, "
+               f"{'y' if row['realized_tpot_covered'] else 'n'}" if realized_too else ""))
+
+
+def profile_rows(name: str, quick: bool, repeats: int, realized_s: float, first_offset: int) -> tuple[list[dict], list[bool]]:
+    """One profile's probes on its own mock server: its rows, and whether past saturation it
+    was judged serving the offered rate (quick: WildChat only)."""
+    traffic = fixed(quick) if name == "fixed" else wildchat(quick)
+    concurrencies = (4, 24) if quick else (4, 16, 64)
+    plan = probe_plan(quick)
+    rows, overloads = [], []
+    saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
+    loads = [LoadSpec(mode="closed", concurrency=c, think_s=THINK_S) for c in concurrencies]
+    loads.append(LoadSpec(mode="open", request_rate_rps=round(0.6 * saturation, 3)))
+    with MockServerProcess(MockConfig(engine=ENGINE)) as mock:
+        for load in loads:
+            truth = _truth(traffic, load)
+            real = realized(mock.url, traffic, load, realized_s) if realized_s else None
+            if real is not None:
+                print(f"{traffic.name:<14}{load.mode} {load.level:g}: the server's own p90s over {realized_s:g} s: "
+                      f"TTFT {real[0] / truth.ttft_s.p90 - 1:+.1%}, TPOT {real[1] / truth.tpot_s.p90 - 1:+.1%} "
+                      f"against the offline truth", flush=True)
+            for r in range(repeats):
+                row = one_probe(mock.url, traffic, load, truth, offset=first_offset + 1000 * len(rows) + 7 * r,
+                                plan=plan, real=real)
+                rows.append(row)
+                print(_row_line(row, real is not None), flush=True)
+        if not (quick and traffic.name != "wildchat/8"):  # quick: past saturation on the heavy-tailed
+            over = round(OVERLOAD * saturation, 3)  # profile only, whose counts vary most
+            kept = judged_serving_offered(mock.url, traffic, over, offset=first_offset + 1000 * len(rows) + 5, plan=plan)
+            overloads.append(kept)
+            print(f"{traffic.name:<14}open {over:g} ({OVERLOAD:g} x saturation): judged "
+                  f"{'serving it (wrong)' if kept else 'not serving it'}", flush=True)
+    return rows, overloads
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="WildChat lengths / 8, fewer loads and repeats (about 6.5 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="WildChat lengths / 8, fewer loads and repeats (about 4.5 min on 2 cores)")
     p.add_argument("--repeats", type=int, help="probes per load (default 2 quick, 4 full)")
     p.add_argument("--json", help="write every probe's errors here")
     p.add_argument("--realized-s", type=float, default=0.0, help="before each load's probes, one of this long a "
                    "window whose server-side p90s the intervals are also checked against (0: none)")
+    p.add_argument("--one-at-a-time", action="store_true", help="the profiles one after the other, not side by side")
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 4)
-    concurrencies = (4, 24) if args.quick else (4, 16, 64)
-    plan = probe_plan(args.quick)
-    rows, overloads = [], []
+    per_profile = 1000 * repeats * (3 if args.quick else 4)  # fresh requests for every probe of both profiles
+    jobs = [(name, args.quick, repeats, args.realized_s, i * per_profile) for i, name in enumerate(("fixed", "wildchat"))]
     print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}{'out meas':>9}"
           f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s, out)  vs server (TTFT, TPOT)", flush=True)
-    for traffic in (fixed(args.quick), wildchat(args.quick)):
-        saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
-        loads = [LoadSpec(mode="closed", concurrency=c, think_s=THINK_S) for c in concurrencies]
-        loads.append(LoadSpec(mode="open", request_rate_rps=round(0.6 * saturation, 3)))
-        with MockServerProcess(MockConfig(engine=ENGINE)) as mock:
-            for load in loads:
-                truth = _truth(traffic, load)
-                real = realized(mock.url, traffic, load, args.realized_s) if args.realized_s else None
-                if real is not None:
-                    print(f"{traffic.name:<14}{load.mode} {load.level:g}: the server's own p90s over {args.realized_s:g} s: "
-                          f"TTFT {real[0] / truth.ttft_s.p90 - 1:+.1%}, TPOT {real[1] / truth.tpot_s.p90 - 1:+.1%} "
-                          f"against the offline truth", flush=True)
-                for r in range(repeats):
-                    row = one_probe(mock.url, traffic, load, truth, offset=1000 * len(rows) + 7 * r, plan=plan, real=real)
-                    rows.append(row)
-                    covered = ", ".join("y" if row[k] else "n"
-                                        for k in ("ttft_covered", "tpot_covered", "rps_covered", "out_covered"))
-                    print(f"{row['profile']:<14}{row['load']:<14}{row['window_s']:>7.1f}s{row['ttft_n']:>7}"
-                          f"{row['out']:>+8.1%}{row['in']:>+8.1%}{row['rps']:>+8.1%}{row['in_measured']:>+9.1%}{row['out_measured']:>+9.1%}"
-                          f"{row['ttft_p90']:>+10.1%}{row['tpot_p90']:>+10.1%}  {covered:<32}"
-                          f"{row['ttft_vs_server']:>+6.1%}, {row['tpot_vs_server']:+.1%}"
-                          + (f"  realized covered: {'y' if row['realized_ttft_covered'] else 'n'}, "
-                             f"{'y' if row['realized_tpot_covered'] else 'n'}" if real is not None else ""), flush=True)
-            if args.quick and traffic.name != "wildchat/8":
-                continue  # quick: past saturation on the heavy-tailed profile only, whose counts vary most
-            over = round(OVERLOAD * saturation, 3)
-            kept = judged_serving_offered(mock.url, traffic, over, offset=1000 * len(rows) + 5, plan=plan)
-            overloads.append(kept)
-            print(f"{traffic.name:<14}open {over:g} ({OVERLOAD:g} x saturation): judged "
-                  f"{'serving it (wrong)' if kept else 'not serving it'}", flush=True)
+    # Side by side: a probe mostly waits on its server's simulated steps (a quick run keeps about a
+    # fifth of one core busy), so two profiles on their own mock servers take the time of one; the
+    # client-against-server figures below show what sharing the cores adds.
+    if args.one_at_a_time:
+        results = [profile_rows(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(profile_rows, *zip(*jobs)))
+    rows = [row for profile, _ in results for row in profile]
+    overloads = [kept for _, profile in results for kept in profile]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     n = len(rows)
