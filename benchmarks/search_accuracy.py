@@ -9,8 +9,11 @@ loop (`--mode closed`: the highest whole concurrency meeting the tier; clients t
 requests, sim_setup.THINK_S says why) or Poisson arrivals
 (`--mode open`: the closed-loop search, then the open-loop step; the highest rate meeting it).
 Per tier it prints the error, whether the 95% interval covers the truth (and which end, if any,
-the probes could not bound), and the probes and
-wall time used. The last line reads `max tier error X% in N probes` (N: the median over runs of
+the probes could not bound), the truth curve's elasticity at the capacity (percent of the tier's
+severity per percent of load, from the truth 15% either side) with the error times it (the
+latency error that would have moved a crossing that far: where latency barely rises with load,
+the simulated engine's Instant tier in open loop, 0.15, a capacity to 5% needs p90s to 0.75%),
+and the probes and wall time used. The last line reads `max tier error X% in N probes` (N: the median over runs of
 the decode probes of the mode's search).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import tempfile
@@ -35,7 +39,26 @@ from pricing.load.client import ClientConfig, ProbePlan  # noqa: E402
 from pricing.measure.probe import run_probe  # noqa: E402
 from pricing.schema import DeploymentConfig  # noqa: E402
 from pricing.testing.mock_server import MockConfig, MockServerProcess  # noqa: E402
-from pricing.testing.sim_truth import capacity_truth  # noqa: E402
+from pricing.testing.sim_truth import CapacityTruth, capacity_truth, closed_loop_truth, open_loop_truth  # noqa: E402
+
+
+def truth_elasticity(traffic: Traffic, tier, truth: CapacityTruth, mode: str) -> float:
+    """d ln(severity) / d ln(request rate) of the truth curve between 15% below and above the
+    capacity (closed loop: the nearest whole concurrencies); nan where the upper one is unstable."""
+    def at(level: float):
+        if mode == "open":
+            return open_loop_truth(ENGINE, traffic.pairs, level, 0, cache_dir=CACHE)
+        return closed_loop_truth(ENGINE, traffic.pairs, int(level), think_s=THINK_S, cache_dir=CACHE)
+
+    low, high = truth.level * 0.85, truth.level * 1.15
+    if mode == "closed":
+        low, high = max(1, round(low)), max(round(high), round(low) + 1)
+    points = [at(low), at(high)]
+    if not all(p.stable for p in points):
+        return float("nan")
+    sev = [max(p.latency("ttft", tier.percentile) / tier.ttft_s, (p.latency("tpot", tier.percentile) or 0) / tier.tpot_s)
+           for p in points]
+    return math.log(sev[1] / sev[0]) / math.log(points[1].request_rate_rps / points[0].request_rate_rps)
 
 
 def one_sweep(traffic: Traffic, seed: int, mode: str, out: Path, plan: ProbePlan) -> tuple[dict, float]:
@@ -67,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or (1 if args.quick else 5)
     traffics = [wildchat(args.quick)] if args.quick else [fixed(False), wildchat(False)]
     errors, probes, walls = [], [], []
-    print(f"{'profile':<14}{'seed':>5}  {'tier':<9}{'truth':>16}{'found':>22}{'error':>8}  covered", flush=True)
+    print(f"{'profile':<14}{'seed':>5}  {'tier':<9}{'truth':>16}{'found':>22}{'error':>8}{'elast.':>7}{'x err':>7}  covered",
+          flush=True)
     for traffic in traffics:
         truths = {t.name: capacity_truth(ENGINE, traffic.pairs, t.ttft_s, t.tpot_s, t.percentile, mode=args.mode,
                                          think_s=THINK_S, cache_dir=CACHE) for t in TIERS}
+        slopes = {t.name: truth_elasticity(traffic, t, truths[t.name], args.mode) for t in TIERS}
         for seed in range(args.first_seed, args.first_seed + seeds):
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(args.keep or tmp) / f"{traffic.name.replace('/', '-')}-{args.mode}-seed{seed}.jsonl"
@@ -91,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"c={cap.level:g}" if args.mode == "closed" and cap.level is not None else ""
                 print(f"{traffic.name:<14}{seed:>5}  {tier.name:<9}{truth.request_rate_rps:>9.3f} req/s"
                       f"{'' if args.mode == 'open' else f' c={truth.level:g}':>7}"
-                      f"{(f'{rate:.3f} req/s ' if rate else cap.kind):>16}{where:>6}{error:>8.1%}  "
-                      f"{covered}", flush=True)
+                      f"{(f'{rate:.3f} req/s ' if rate else cap.kind):>16}{where:>6}{error:>8.1%}"
+                      f"{slopes[tier.name]:>7.2f}{error * slopes[tier.name]:>7.1%}  {covered}", flush=True)
             used = outcome.open_probes_run if args.mode == "open" else outcome.probes_run
             probes.append(used)
             walls.append(wall)

@@ -366,3 +366,16 @@ def test_energy_and_lengths_come_from_a_probe_that_measured_something():
     probes = [SourcedProbe(p, "f.jsonl", i + 1) for i, p in enumerate([empty, *config_b()])]
     assert nearest_probe(probes, "closed", 4.0).line == 3  # config_b's c=4, not the empty one (line 1)
     assert nearest_probe(probes[:1], "closed", 4.0).line == 1  # alone, it is all there is
+
+
+def test_a_limit_where_latency_barely_rises_with_load_says_why_its_interval_is_wide():
+    """Instant's TPOT limit just above the server's unloaded TPOT: 1% of p90 noise moves the
+    crossing far, and more probes hardly narrow it; the warning says so and what a looser limit buys."""
+    flat = [make_probe(rps=c / 4, tpot=t, level=c, index=i)
+            for i, (c, t) in enumerate([(8, 0.0097), (16, 0.0098), (32, 0.0102), (64, 0.0140)])]
+    row = price_records(flat, [INSTANT], CATALOG, PricingParams(load_model="closed"))[0]
+    warning = next(w for w in row.warnings if "interval" in w or "known to" in w)
+    assert "rises only 0.06% per 1% of load" in warning and "moves the capacity 17%" in warning
+    steep = [make_probe(rps=c / 4, tpot=t, level=c, index=i)
+             for i, (c, t) in enumerate([(8, 0.006), (16, 0.008), (32, 0.012), (64, 0.020)])]
+    assert not any("per 1% of load" in w for w in price_records(steep, [INSTANT], CATALOG)[0].warnings)

@@ -154,3 +154,14 @@ def test_a_tier_not_yet_bracketed_goes_before_refining_one_that_is():
     assert capacity_from_points(loose, True).kind == "at_least" and loose_wants is not None
     assert next_level({"strict": strict, "loose": loose}, params, tried, 0)[0] == loose_wants
     assert next_level({"loose": loose, "strict": strict}, params, tried, 1)[0] == loose_wants
+
+@pytest.mark.parametrize("slope", [0.15, 1.5])
+def test_the_curve_says_how_steep_it_is_at_the_crossing(slope):
+    """Elasticity at the crossing, from the probes either side: how far 1% of noise in a p90
+    moves the capacity (the simulated engine's Instant tier in open loop: 0.15)."""
+    pts = [probe(x, 30.0, slope, np.random.default_rng(0), 0.0, 0.03, rate=lambda x: x) for x in (10.0, 20.0, 27.0, 33.0, 45.0)]
+    cap = capacity_from_points(pts, integer=False)
+    assert cap.elasticity == pytest.approx(slope)
+    # The probe above could not be measured (a fall-behind): no slope to tell.
+    cap = capacity_from_points([Point(40, 0.4, 0.38, 0.43, 40, 40, 40), Point(60, BIG, BIG, BIG, 60, 60, 60)], integer=False)
+    assert cap.kind == "found" and cap.elasticity is None

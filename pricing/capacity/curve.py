@@ -16,6 +16,11 @@ Severity grows with load, so the probes are read as one monotone curve:
 
 Closed loop (concurrency): the capacity is the highest whole concurrency at or below the
 crossing, as a server runs whole requests. Open loop (request rate): the crossing itself.
+
+The curve's elasticity at the crossing (percent of severity per percent of load, from the probes
+either side of it) says how well any probe can place it: where latency barely rises with load,
+1% of noise in a p90 moves the crossing by 1/elasticity percent (the simulated engine's Instant
+tier in open loop: 0.15, so 5% in capacity takes its TPOT p90 to 0.75%).
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ class Capacity(Frozen):
     probes: int = 0  # probes the curve was read from
     highest_level: float | None = None  # the highest load tried (for 'at_least')
     lowest_level: float | None = None  # the lowest load tried (for 'none')
+    # d ln(severity) / d ln(load) between the measured probes either side of the crossing (None:
+    # no such pair, e.g. the probe above it could not be measured)
+    elasticity: float | None = None
 
     @property
     def half_width(self) -> float | None:
@@ -104,6 +112,15 @@ def _linear_crossing(levels: np.ndarray, values: np.ndarray) -> float | None:
 
 def _interp(levels: np.ndarray, values: np.ndarray, at: float) -> float:
     return float(np.interp(at, levels, values))
+
+
+def _elasticity(pts: Sequence[Point], crossing: float) -> float | None:
+    below = [p for p in pts if p.level <= crossing and 0 < p.severity < BIG]
+    above = [p for p in pts if p.level > crossing and 0 < p.severity < BIG]
+    if not below or not above:
+        return None
+    low, high = below[-1], above[0]  # pts are sorted by level
+    return math.log(high.severity / low.severity) / math.log(high.level / low.level)
 
 
 def capacity_from_points(points: Sequence[Point], integer: bool) -> Capacity:
@@ -164,4 +181,5 @@ def capacity_from_points(points: Sequence[Point], integer: bool) -> Capacity:
     rate_low = min(_interp(levels, rate_lows, low), rate) if low is not None else None
     rate_high = max(_interp(levels, rate_highs, high_level), rate) if high_level is not None else None
     return Capacity(kind="found", level=level, crossing=crossing, level_low=low, level_high=high_level,
-                    rate_rps=rate, rate_low=rate_low, rate_high=rate_high, **base)
+                    rate_rps=rate, rate_low=rate_low, rate_high=rate_high, elasticity=_elasticity(pts, crossing),
+                    **base)

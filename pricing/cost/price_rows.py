@@ -297,10 +297,25 @@ def _interval_warnings(cap: Capacity, mode: str) -> list[str]:
                 "so the prices are upper bounds; sweep with a higher --max-level"]
     if cap.half_width is None:
         return [f"the capacity's 95% interval is not bounded by the {mode}-loop probes so far: rerun the sweep "
-                "(it resumes) to resolve it"]
+                f"(it resumes) to resolve it{_flat(cap)}"]
     if cap.half_width > 0.05:
-        return [f"capacity known to +-{cap.half_width:.0%} only (95%); rerun the sweep (it resumes) to narrow it"]
+        return [f"capacity known to +-{cap.half_width:.0%} only (95%); rerun the sweep (it resumes) to narrow it{_flat(cap)}"]
     return []
+
+
+# Below this, 1% of noise in a p90 moves the crossing by more than 2%: few probes can place it.
+FLAT_ELASTICITY = 0.5
+
+
+def _flat(cap: Capacity) -> str:
+    """Why more probes may not narrow the interval: the tier's limit lies where latency barely
+    rises with load (a tier just above the server's unloaded latency)."""
+    e = cap.elasticity
+    if e is None or not 0 < e < FLAT_ELASTICITY:
+        return ""
+    return (f". Near the crossing latency rises only {e:.2f}% per 1% of load, so a p90 off by 1% moves the "
+            f"capacity {1 / e:.0f}%: longer probes (--min-window-s) narrow it, more probes hardly; a limit 1% looser "
+            f"would serve about {1 / e:.0f}% more")
 
 
 def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog, params: PricingParams,
