@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{traffic.name:<14}{seed:>5}  {tier.name:<9}{truth.request_rate_rps:>9.3f} req/s"
                       f"{'' if args.mode == 'open' else f' c={truth.level:g}':>7}"
                       f"{(f'{rate:.3f} req/s ' if rate else cap.kind):>16}{where:>6}{error:>8.1%}"
-                      f"{slopes[tier.name]:>7.2f}{error * slopes[tier.name]:>7.1%}  {covered}", flush=True)
+                      + (f"{slope:>7.2f}{error * slope:>7.1%}" if math.isfinite(slope := slopes[tier.name]) else f"{'-':>7}{'-':>7}")
+                      + f"  {covered}", flush=True)
             used = outcome.open_probes_run if args.mode == "open" else outcome.probes_run
             probes.append(used)
             walls.append(wall)
