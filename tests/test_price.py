@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -376,6 +377,7 @@ def test_a_limit_where_latency_barely_rises_with_load_says_why_its_interval_is_w
     row = price_records(flat, [INSTANT], CATALOG, PricingParams(load_model="closed"))[0]
     warning = next(w for w in row.warnings if "interval" in w or "known to" in w)
     assert "rises only 0.06% per 1% of load" in warning and "moves the capacity 17%" in warning
+    assert row.capacity_elasticity == pytest.approx(math.log(1.02 / 0.98) / math.log(2))  # c=16 to 32, in the JSON too
     steep = [make_probe(rps=c / 4, tpot=t, level=c, index=i)
              for i, (c, t) in enumerate([(8, 0.006), (16, 0.008), (32, 0.012), (64, 0.020)])]
     assert not any("per 1% of load" in w for w in price_records(steep, [INSTANT], CATALOG)[0].warnings)

@@ -110,6 +110,10 @@ class PriceRow(Frozen):
     capacity_rps: float | None = None
     capacity_rps_low: float | None = None  # its 95% interval (None: not bounded by the probes)
     capacity_rps_high: float | None = None
+    # d ln(latency / limit) / d ln(load) at the crossing (curve.Capacity.elasticity): below about
+    # 0.5 the limit lies where latency barely rises with load, and a p90 off by 1% moves the
+    # capacity by 1 / elasticity percent
+    capacity_elasticity: float | None = None
     closed_capacity_rps: float | None = None  # both capacities, when measured, and open / closed
     open_capacity_rps: float | None = None
     open_over_closed: float | None = None
@@ -371,6 +375,7 @@ def price_config(probes: Sequence[SourcedProbe], tier: SloTier, catalog: Catalog
         capacity_probe=near.where, prefill_probe=prefill.where if prefill is not None else None, load_model=mode,
         load_level=cap.level, capacity_kind=cap.kind, capacity_lower_bound=cap.kind == "at_least",
         capacity_rps=cap.rate_rps * n, capacity_rps_low=scaled(cap.rate_low), capacity_rps_high=scaled(cap.rate_high),
+        capacity_elasticity=cap.elasticity,
         closed_capacity_rps=scaled(closed.rate_rps) if closed.kind == "found" else None,
         open_capacity_rps=scaled(opened.rate_rps) if opened.kind == "found" else None,
         open_over_closed=opened.rate_rps / closed.rate_rps if both else None,  # type: ignore[operator]
