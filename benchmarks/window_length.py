@@ -2,6 +2,7 @@
 
     python benchmarks/window_length.py [--seeds N] [--horizon-s S] [--loads 0.6,0.9] [--windows 10,20,40]
     python benchmarks/window_length.py --warmup [--seeds N] [--loads 0.8,0.9,0.95]
+    python benchmarks/window_length.py --closed 4,24 [--profile fixed] [--windows 10,20]
 
 The simulated engine (sim_setup.ENGINE) takes Poisson arrivals of the quick WildChat traffic at
 each `--loads` share of its saturation, from an empty engine, for `--horizon-s` per seed; every
@@ -16,6 +17,9 @@ With `--warmup`, one 20 s window per run, opened as a probe would open it: when 
 arrivals have ended (the rule before load.settle), once the server has settled (load.settle's rule,
 replayed on the run's requests), or after a minute (for reference); printed per load: the median
 opening time and the windows' p90 errors against the long run.
+With `--closed`, the same for closed loops of those concurrencies (clients think sim_setup.THINK_S
+between requests, as probe_accuracy's do), on the quick WildChat or (`--profile fixed`) the
+quick fixed traffic.
 No server runs; a few seconds of CPU per seed.
 """
 
@@ -30,11 +34,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_setup import CACHE, ENGINE, wildchat  # noqa: E402
+from sim_setup import CACHE, ENGINE, THINK_S, fixed, wildchat  # noqa: E402
 
 from pricing.load.settle import RECENT, has_settled, request_shapes  # noqa: E402
 from pricing.measure.intervals import percentile_interval  # noqa: E402
-from pricing.testing.sim_truth import closed_loop_truth, open_loop_requests, open_loop_truth  # noqa: E402
+from pricing.testing.sim_truth import (  # noqa: E402
+    closed_loop_requests,
+    closed_loop_truth,
+    open_loop_requests,
+    open_loop_truth,
+)
 
 SETTLE_S = 30.0
 
@@ -46,23 +55,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", default="10,20,40", help="window lengths in seconds")
     p.add_argument("--loads", default="0.6,0.9", help="arrival rates as shares of the closed-loop saturation")
     p.add_argument("--warmup", action="store_true", help="windows opened by the warm-up rules instead")
+    p.add_argument("--closed", help="closed loops of these concurrencies (comma-separated) instead")
+    p.add_argument("--profile", choices=["wildchat", "fixed"], default="wildchat", help="the quick traffic of sim_setup")
     args = p.parse_args(argv)
     if args.warmup:
         return warmup_table(args.seeds, [float(x) for x in args.loads.split(",")])
-    traffic = wildchat(True)
+    traffic = wildchat(True) if args.profile == "wildchat" else fixed(True)
     saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
-    print(f"{traffic.name}, Poisson arrivals, {args.seeds} runs of {args.horizon_s:g} s per load; "
-          f"saturation {saturation:.1f} req/s")
+    print(f"{traffic.name}, {'closed loops' if args.closed else 'Poisson arrivals'}, {args.seeds} runs of "
+          f"{args.horizon_s:g} s per load; saturation {saturation:.1f} req/s")
     print(f"{'load':>6}{'window':>8}{'windows':>9}{'TPOT p90 err':>14}{'sd':>7}{'covered':>9}{'open above':>12}"
           f"{'TTFT p90 err':>14}{'covered':>9}{'open above':>12}")
-    for share in (float(x) for x in args.loads.split(",")):
-        rate = round(share * saturation, 3)
-        truth = open_loop_truth(ENGINE, traffic.pairs, rate, seed=0, cache_dir=CACHE)
+    loads = ([("closed", float(c)) for c in args.closed.split(",")] if args.closed
+             else [("open", float(x)) for x in args.loads.split(",")])
+    for mode, share in loads:
+        if mode == "closed":
+            truth = closed_loop_truth(ENGINE, traffic.pairs, int(share), think_s=THINK_S, cache_dir=CACHE)
+        else:
+            rate = round(share * saturation, 3)
+            truth = open_loop_truth(ENGINE, traffic.pairs, rate, seed=0, cache_dir=CACHE)
         runs = []
         for seed in range(args.seeds):
             offset = 5000 * seed + 3  # each seed its own stretch of the pool, as probes take
             pairs = traffic.pairs[offset:] + traffic.pairs[:offset]
-            runs.append(open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=int(rate * args.horizon_s)))
+            horizon = int(truth.request_rate_rps * args.horizon_s)
+            runs.append(closed_loop_requests(ENGINE, pairs, int(share), THINK_S, seed=100 + seed, horizon_requests=horizon)
+                        if mode == "closed" else
+                        open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=horizon))
         for width in (float(w) for w in args.windows.split(",")):
             errors: dict[str, list[float]] = {"tpot": [], "ttft": []}
             covered, unbounded = {"tpot": 0, "ttft": 0}, {"tpot": 0, "ttft": 0}
@@ -79,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                         covered[name] += low <= true <= high
                         unbounded[name] += not np.isfinite(high)  # the window cannot show the tier met
             n = len(errors["tpot"])
-            print(f"{share:>6.0%}{width:>7g}s{n:>9}{np.median(errors['tpot']):>+14.1%}{np.std(errors['tpot']):>7.1%}"
+            print(f"{f'c={share:g}' if mode == 'closed' else f'{share:.0%}':>6}{width:>7g}s{n:>9}{np.median(errors['tpot']):>+14.1%}{np.std(errors['tpot']):>7.1%}"
                   f"{covered['tpot'] / n:>9.0%}{unbounded['tpot'] / n:>12.0%}{np.median(errors['ttft']):>+14.1%}"
                   f"{covered['ttft'] / n:>9.0%}{unbounded['ttft'] / n:>12.0%}")
     return 0

@@ -17,6 +17,7 @@ from pricing.testing.sim_engine import EngineModel, SimEngine, replay
 from pricing.testing.sim_truth import (
     arrival_times_s,
     capacity_truth,
+    closed_loop_requests,
     closed_loop_truth,
     meets,
     open_loop_truth,
@@ -136,6 +137,25 @@ def test_littles_law_holds_in_the_closed_loop(wildchat_pairs, concurrency) -> No
     assert truth.request_rate_rps * truth.e2e_s.mean == pytest.approx(concurrency, rel=0.01)
     osl_mean = np.mean([osl for _, osl in wildchat_pairs])
     assert truth.output_tok_s == pytest.approx(truth.request_rate_rps * osl_mean, rel=0.02)
+
+
+def test_a_closed_loops_requests_are_the_truths_requests(wildchat_pairs) -> None:
+    """closed_loop_requests (every request of a run, for benchmarks/window_length.py) drives the
+    same clients as closed_loop_truth: never more than N in the server, and the same TTFT and
+    TPOT p90 over the truth's cohort."""
+    model, n, think_s, horizon = EngineModel(), 24, 0.05, 6000
+    r = closed_loop_requests(model, wildchat_pairs, n, think_s, seed=3, horizon_requests=horizon)
+    events = np.concatenate([np.stack([r["arrive_s"], np.ones(r["arrive_s"].size)], 1),
+                             np.stack([r["end_s"], -np.ones(r["end_s"].size)], 1)])
+    in_server = np.cumsum(events[np.lexsort((events[:, 1], events[:, 0]))][:, 1])
+    assert in_server.max() == n
+    truth = closed_loop_truth(model, wildchat_pairs, n, think_s=think_s, seed=3, horizon_requests=horizon)
+    cohort = slice(int(0.1 * horizon), horizon)  # the truth's warm-up share
+    multi = r["osl"][cohort] >= 2
+    ttft = (r["first_s"] - r["arrive_s"])[cohort]
+    tpot = ((r["end_s"] - r["first_s"])[cohort] / np.maximum(r["osl"][cohort] - 1, 1))[multi]
+    assert np.percentile(ttft, 90) == pytest.approx(truth.ttft_s.p90, rel=1e-6)
+    assert np.percentile(tpot, 90) == pytest.approx(truth.tpot_s.p90, rel=1e-6)
 
 
 def test_open_loop_truth_matches_a_step_by_step_replay(wildchat_pairs) -> None:

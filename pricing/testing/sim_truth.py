@@ -182,6 +182,12 @@ def _new_run(model: EngineModel, pairs: Pairs, horizon_requests: int, warmup_fra
 def _simulate_closed(model: EngineModel, pairs: Pairs, concurrency: int, horizon_requests: int,
                      warmup_frac: float, think_s: float = 0.0, seed: int = 0) -> TruthPoint:
     run = _new_run(model, pairs, horizon_requests, warmup_frac)
+    _drive_closed(run, concurrency, think_s, seed)
+    return run.truth(mode="closed", concurrency=concurrency, think_s=think_s)
+
+
+def _drive_closed(run: _Run, concurrency: int, think_s: float, seed: int) -> None:
+    """N clients into the run's engine until its cohort has finished (see closed_loop_truth)."""
     rng = np.random.default_rng(seed)
     thinking: list[float] = []  # when each thinking client sends again (a heap)
     for _ in range(concurrency):
@@ -205,7 +211,6 @@ def _simulate_closed(model: EngineModel, pairs: Pairs, concurrency: int, horizon
                 run.issue(run.t_s)
             else:
                 heapq.heappush(thinking, run.t_s + think_time_s(rng, think_s))
-    return run.truth(mode="closed", concurrency=concurrency, think_s=think_s)
 
 
 def arrival_times_s(rate_rps: float, burstiness: float, seed: int) -> Iterator[float]:
@@ -255,6 +260,17 @@ def open_loop_requests(model: EngineModel, pairs: Pairs, rate_rps: float, seed: 
     and last token times (s) and OSL. For checking what windows of a real probe's length see."""
     run = _new_run(model, pairs, horizon_requests, 0.0)
     _drive_open(run, rate_rps, 1.0, seed, stop_unstable=False)
+    ids = [i for i in range(len(run.arrive_s)) if i in run.end_s]
+    return {"arrive_s": np.asarray([run.arrive_s[i] for i in ids]), "first_s": np.asarray([run.first_s[i] for i in ids]),
+            "end_s": np.asarray([run.end_s[i] for i in ids]),
+            "osl": np.asarray([run.osl[i % len(run.osl)] for i in ids])}
+
+
+def closed_loop_requests(model: EngineModel, pairs: Pairs, concurrency: int, think_s: float, seed: int,
+                         horizon_requests: int) -> dict[str, np.ndarray]:
+    """Every request of one closed-loop run from an empty engine, as open_loop_requests gives them."""
+    run = _new_run(model, pairs, horizon_requests, 0.0)
+    _drive_closed(run, concurrency, think_s, seed)
     ids = [i for i in range(len(run.arrive_s)) if i in run.end_s]
     return {"arrive_s": np.asarray([run.arrive_s[i] for i in ids]), "first_s": np.asarray([run.first_s[i] for i in ids]),
             "end_s": np.asarray([run.end_s[i] for i in ids]),
