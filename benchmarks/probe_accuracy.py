@@ -123,6 +123,12 @@ def one_probe(url: str, traffic: Traffic, load: LoadSpec, truth: TruthPoint, off
     }
 
 
+# Requests of the pool (sim_setup.POOL) between one probe's first and the next's: more than an open
+# probe at 60% of saturation sends in its longest window (WildChat / 8: about 2,500), so probes do
+# not share requests (with 1,000, neighbours shared half of theirs, and a stretch of the pool that
+# reads low counted two or three times) while the pool lasts (16 probes of a profile).
+STRETCH = 3000
+
 # An open loop this far past the engine's saturation (its closed-loop throughput at max_num_seqs,
 # the most it can serve) cannot keep up: the truth of the probe's kept-up judgment.
 OVERLOAD = 1.1
@@ -172,13 +178,13 @@ def profile_rows(name: str, quick: bool, repeats: int, realized_s: float, first_
                       f"TTFT {real[0] / truth.ttft_s.p90 - 1:+.1%}, TPOT {real[1] / truth.tpot_s.p90 - 1:+.1%} "
                       f"against the offline truth", flush=True)
             for r in range(repeats):
-                row = one_probe(mock.url, traffic, load, truth, offset=first_offset + 1000 * len(rows) + 7 * r,
+                row = one_probe(mock.url, traffic, load, truth, offset=first_offset + STRETCH * len(rows) + 7 * r,
                                 plan=plan, real=real)
                 rows.append(row)
                 print(_row_line(row, real is not None), flush=True)
         if not (quick and traffic.name != "wildchat/8"):  # quick: past saturation on the heavy-tailed
             over = round(OVERLOAD * saturation, 3)  # profile only, whose counts vary most
-            kept = judged_serving_offered(mock.url, traffic, over, offset=first_offset + 1000 * len(rows) + 5, plan=plan)
+            kept = judged_serving_offered(mock.url, traffic, over, offset=first_offset + STRETCH * len(rows) + 5, plan=plan)
             overloads.append(kept)
             print(f"{traffic.name:<14}open {over:g} ({OVERLOAD:g} x saturation): judged "
                   f"{'serving it (wrong)' if kept else 'not serving it'}", flush=True)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one-at-a-time", action="store_true", help="the profiles one after the other, not side by side")
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 4)
-    per_profile = 1000 * repeats * (3 if args.quick else 4)  # fresh requests for every probe of both profiles
+    per_profile = STRETCH * (repeats * (3 if args.quick else 4) + 1)  # fresh requests for every probe of both
     jobs = [(name, args.quick, repeats, args.realized_s, i * per_profile) for i, name in enumerate(("fixed", "wildchat"))]
     print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}{'out meas':>9}"
           f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s, out)  vs server (TTFT, TPOT)", flush=True)
