@@ -159,10 +159,11 @@ def _row_line(row: dict, realized_too: bool) -> str:
                f"{'y' if row['realized_tpot_covered'] else 'n'}" if realized_too else ""))
 
 
-def profile_rows(name: str, quick: bool, repeats: int, realized_s: float, first_offset: int) -> tuple[list[dict], list[bool]]:
+def profile_rows(name: str, quick: bool, repeats: int, realized_s: float, first_offset: int, pool_seed: int = 0
+                 ) -> tuple[list[dict], list[bool]]:
     """One profile's probes on its own mock server: its rows, and whether past saturation it
     was judged serving the offered rate (quick: WildChat only)."""
-    traffic = fixed(quick) if name == "fixed" else wildchat(quick)
+    traffic = fixed(quick) if name == "fixed" else wildchat(quick, seed=pool_seed)
     concurrencies = (4, 24) if quick else (4, 16, 64)
     plan = probe_plan(quick)
     rows, overloads = [], []
@@ -199,10 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realized-s", type=float, default=0.0, help="before each load's probes, one of this long a "
                    "window whose server-side p90s the intervals are also checked against (0: none)")
     p.add_argument("--one-at-a-time", action="store_true", help="the profiles one after the other, not side by side")
+    p.add_argument("--pool-seed", type=int, default=0, help="another draw of the WildChat pool (and other client "
+                   "seeds for both profiles): repeated runs with new seeds are independent samples of the probes")
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 4)
     per_profile = STRETCH * (repeats * (3 if args.quick else 4) + 1)  # fresh requests for every probe of both
-    jobs = [(name, args.quick, repeats, args.realized_s, i * per_profile) for i, name in enumerate(("fixed", "wildchat"))]
+    shift = 7 * args.pool_seed  # other arrival and think-time seeds (ClientConfig.seed is the offset)
+    jobs = [(name, args.quick, repeats, args.realized_s, i * per_profile + shift, args.pool_seed)
+            for i, name in enumerate(("fixed", "wildchat"))]
     print(f"{'profile':<14}{'load':<14}{'window':>8}{'TTFTs':>7}{'out':>8}{'in':>8}{'req/s':>8}{'in meas':>9}{'out meas':>9}"
           f"{'TTFT p90':>10}{'TPOT p90':>10}  covered (TTFT, TPOT, req/s, out)  vs server (TTFT, TPOT)", flush=True)
     # Side by side: a probe mostly waits on its server's simulated steps (a quick run keeps about a
