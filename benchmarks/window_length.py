@@ -3,6 +3,7 @@
     python benchmarks/window_length.py [--seeds N] [--horizon-s S] [--loads 0.6,0.9] [--windows 10,20,40]
     python benchmarks/window_length.py --warmup [--seeds N] [--loads 0.8,0.9,0.95]
     python benchmarks/window_length.py --closed 4,24 [--profile fixed] [--windows 10,20]
+    python benchmarks/window_length.py --stopping [--seeds 32] [--loads 0.6]
 
 The simulated engine (sim_setup.ENGINE) takes Poisson arrivals of the quick WildChat traffic at
 each `--loads` share of its saturation, from an empty engine, for `--horizon-s` per seed; every
@@ -20,6 +21,10 @@ opening time and the windows' p90 errors against the long run.
 With `--closed`, the same for closed loops of those concurrencies (clients think sim_setup.THINK_S
 between requests, as probe_accuracy's do), on the quick WildChat or (`--profile fixed`) the
 quick fixed traffic.
+With `--stopping`, windows that stop as a probe's do (from 20 s, looked at every second, once
+every default tier's TTFT and TPOT verdicts on the requests finished so far are decided, else at
+60 s) beside fixed windows of 20, 40 and 60 s, one every 61 s of each run: stopping on the data
+selects windows whose intervals happen to be narrow.
 No server runs; a few seconds of CPU per seed.
 """
 
@@ -34,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_setup import CACHE, ENGINE, THINK_S, fixed, wildchat  # noqa: E402
+from sim_setup import CACHE, ENGINE, THINK_S, TIERS, fixed, wildchat  # noqa: E402
 
 from pricing.load.settle import RECENT, has_settled, request_shapes  # noqa: E402
 from pricing.measure.intervals import percentile_interval  # noqa: E402
@@ -57,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", action="store_true", help="windows opened by the warm-up rules instead")
     p.add_argument("--closed", help="closed loops of these concurrencies (comma-separated) instead")
     p.add_argument("--profile", choices=["wildchat", "fixed"], default="wildchat", help="the quick traffic of sim_setup")
+    p.add_argument("--stopping", action="store_true", help="windows stopped once decided, beside fixed ones")
     args = p.parse_args(argv)
+    if args.stopping:
+        return stopping_table(args.seeds, [float(x) for x in args.loads.split(",")], args.horizon_s)
     if args.warmup:
         return warmup_table(args.seeds, [float(x) for x in args.loads.split(",")])
     traffic = wildchat(True) if args.profile == "wildchat" else fixed(True)
@@ -101,6 +109,62 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f'c={share:g}' if mode == 'closed' else f'{share:.0%}':>6}{width:>7g}s{n:>9}{np.median(errors['tpot']):>+14.1%}{np.std(errors['tpot']):>7.1%}"
                   f"{covered['tpot'] / n:>9.0%}{unbounded['tpot'] / n:>12.0%}{np.median(errors['ttft']):>+14.1%}"
                   f"{covered['ttft'] / n:>9.0%}{unbounded['ttft'] / n:>12.0%}")
+    return 0
+
+
+def _cohort(r: dict, start: float, end: float, finished_by: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """TTFT and TPOT of the requests whose first token came in [start, end] (those finished by
+    `finished_by`, if given: what a probe's stop rule sees), each in time order."""
+    inside = (r["first_s"] >= start) & (r["first_s"] <= end)
+    if finished_by is not None:
+        inside &= r["end_s"] <= finished_by
+    multi = inside & (r["osl"] >= 2)
+    tpot = ((r["end_s"] - r["first_s"])[multi] / (r["osl"][multi] - 1))[np.argsort(r["first_s"][multi])]
+    ttft = (r["first_s"] - r["arrive_s"])[inside][np.argsort(r["first_s"][inside])]
+    return ttft, tpot
+
+
+def _decided(ttft: np.ndarray, tpot: np.ndarray) -> bool:
+    """measure.probe.decided_rule on an offline sample: every default tier passes surely, fails
+    surely, or fails one limit surely."""
+    for tier in TIERS:
+        outcomes = []
+        for values, limit in ((ttft, tier.ttft_s), (tpot, tier.tpot_s)):
+            low, high = percentile_interval(values, 90)
+            outcomes.append("pass" if high <= limit else "fail" if low > limit else "undecided")
+        if "fail" not in outcomes and "undecided" in outcomes:
+            return False
+    return True
+
+
+def stopping_table(seeds: int, loads: list[float], horizon_s: float) -> int:
+    traffic = wildchat(True)
+    saturation = closed_loop_truth(ENGINE, traffic.pairs, ENGINE.max_num_seqs, cache_dir=CACHE).request_rate_rps
+    print(f"{traffic.name}, Poisson arrivals, {seeds} runs of {horizon_s:g} s per load; saturation {saturation:.1f} req/s")
+    print(f"{'load':>6}  {'window':<10}{'windows':>8}{'median s':>9}{'TTFT p90 err':>14}{'covered':>9}"
+          f"{'TPOT p90 err':>14}{'covered':>9}")
+    for share in loads:
+        rate = round(share * saturation, 3)
+        truth = open_loop_truth(ENGINE, traffic.pairs, rate, seed=0, cache_dir=CACHE)
+        rows: dict[str, list[tuple[float, float, bool, float, bool]]] = {}
+        for seed in range(seeds):
+            offset = 5000 * seed + 3
+            pairs = traffic.pairs[offset:] + traffic.pairs[:offset]
+            r = open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=int(rate * horizon_s))
+            for start in np.arange(SETTLE_S, r["first_s"].max() - 70, 61.0):
+                stop = next((t for t in np.arange(20.0, 60.0, 1.0)
+                             if _decided(*_cohort(r, start, start + t, finished_by=start + t))), 60.0)
+                for name, width in (("20 s", 20.0), ("stopped", stop), ("40 s", 40.0), ("60 s", 60.0)):
+                    ttft, tpot = _cohort(r, start, start + width)
+                    row = [width]
+                    for values, true in ((ttft, truth.ttft_s.p90), (tpot, truth.tpot_s.p90)):
+                        low, high = percentile_interval(values, 90)
+                        row += [np.percentile(values, 90) / true - 1, low <= true <= high]
+                    rows.setdefault(name, []).append(tuple(row))
+        for name, values in rows.items():
+            a = np.asarray(values, dtype=float)
+            print(f"{share:>6.0%}  {name:<10}{len(a):>8}{np.median(a[:, 0]):>9.1f}{np.median(a[:, 1]):>+14.1%}"
+                  f"{a[:, 2].mean():>9.0%}{np.median(a[:, 3]):>+14.1%}{a[:, 4].mean():>9.0%}")
     return 0
 
 
