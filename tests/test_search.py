@@ -4,6 +4,7 @@ A tier's severity at load x is S(x) = (x / x_star)^slope: the limit is crossed a
 Each probe reports S with multiplicative noise and a 95% interval of +-halfwidth around it.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -154,6 +155,27 @@ def test_a_tier_not_yet_bracketed_goes_before_refining_one_that_is():
     assert capacity_from_points(loose, True).kind == "at_least" and loose_wants is not None
     assert next_level({"strict": strict, "loose": loose}, params, tried, 0)[0] == loose_wants
     assert next_level({"loose": loose, "strict": strict}, params, tried, 1)[0] == loose_wants
+
+
+def test_a_rate_search_asks_for_a_flat_tier_last():
+    """Two bracketed, unresolved tiers of a rate search: one whose curve barely rises (elasticity
+    0.15: a probe hardly narrows it), one steep with a wide gap. The steep one is asked first
+    even on the flat one's turn; alone, the flat one still gets its probes. A concurrency search
+    keeps plain turns."""
+    flat = [probe(x, 8.0, 0.15, np.random.default_rng(0), 0.0, 0.03, rate=lambda x: x) for x in (4.0, 6.6, 9.9)]
+    steep = [Point(36.0, 0.6, 0.57, 0.63, 36, 36, 36), Point(79.0, BIG, BIG, BIG, 79, 79, 79)]
+    params = SearchParams(tolerance=0.05, integer=False, min_level=0.1, max_level=200)
+    tried = {p.level for p in flat} | {36.0, 79.0}
+    assert capacity_from_points(flat, False).flat and not capacity_from_points(steep, False).flat
+    flat_wants, steep_wants = tier_next_level(flat, params, tried), tier_next_level(steep, params, tried)
+    assert flat_wants is not None and steep_wants is not None
+    assert next_level({"flat": flat, "steep": steep}, params, tried, 0)[0] == steep_wants
+    assert next_level({"flat": flat}, params, tried, 0)[0] == flat_wants
+    plain = SearchParams(tolerance=0.05, min_level=1, max_level=200)
+    whole = {"flat": [dataclasses.replace(p, level=p.level * 10) for p in flat], "steep": steep}
+    assert next_level(whole, plain, {p.level for p in whole["flat"]} | {36.0, 79.0}, 0)[0] == tier_next_level(
+        whole["flat"], plain, {p.level for p in whole["flat"]} | {36.0, 79.0})
+
 
 @pytest.mark.parametrize("slope", [0.15, 1.5])
 def test_the_curve_says_how_steep_it_is_at_the_crossing(slope):

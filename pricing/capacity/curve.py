@@ -39,6 +39,10 @@ from pricing.schema import Frozen
 # load tried; none: the lowest load tried surely violates it.
 CapacityKind = Literal["found", "at_least", "none"]
 BIG = 1e6  # severity of a probe that could not be measured at all (window never filled): a sure fail
+# Below this elasticity at the crossing, a p90 off by 1% moves the capacity by more than 2%: more
+# probes hardly narrow it, longer ones do (the pricer says so; an open-loop search asks for such a
+# tier last).
+FLAT_ELASTICITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,11 @@ class Capacity(Frozen):
     # d ln(severity) / d ln(load) between the measured probes either side of the crossing (None:
     # no such pair, e.g. the probe above it could not be measured)
     elasticity: float | None = None
+
+    @property
+    def flat(self) -> bool:
+        """Found on a curve that barely rises with load there (FLAT_ELASTICITY)."""
+        return self.kind == "found" and self.elasticity is not None and 0 < self.elasticity < FLAT_ELASTICITY
 
     @property
     def half_width(self) -> float | None:

@@ -173,7 +173,8 @@ def tier_next_level(points: Sequence[Point], params: SearchParams, tried: Collec
 def next_level(points: Mapping[str, Sequence[Point]], params: SearchParams, tried: Collection[float],
                turn: int = 0) -> tuple[float | None, int]:
     """The tiers take turns: from tier `turn` (mod their number) on, the first unresolved tier's
-    level, and the turn after it; None when all are resolved. A tier not yet bracketed (no pass
+    level, and the turn after it; None when all are resolved. In a rate search a flat tier
+    (curve.FLAT_ELASTICITY) waits until the others are resolved. A tier not yet bracketed (no pass
     below a fail) goes first: it has no price at all, where a bracketed one has a price with an
     interval, and it is bracketed in a few steps (each at least 1.25x up or `growth` down). Turns,
     not the lowest level asked for: near a strict tier's capacity the curve can be flat within the
@@ -185,9 +186,16 @@ def next_level(points: Mapping[str, Sequence[Point]], params: SearchParams, trie
         tier = points[names[(turn + i) % len(names)]]
         level = tier_next_level(tier, params, tried)
         if level is not None:
-            bracketed = bool(tier) and capacity_from_points(tier, params.integer).kind == "found"
-            asks.append((bracketed, i, level))
+            cap = capacity_from_points(tier, params.integer) if tier else None
+            bracketed = cap is not None and cap.kind == "found"
+            # A rate search asks for a flat tier last: where latency barely rises with load, a
+            # probe barely narrows the capacity (its p90's noise over the elasticity), and the
+            # probe is better spent elsewhere (search_accuracy --quick --mode open: Instant, at
+            # elasticity 0.15, took 3 of 8 open-loop probes, one of them looking lower for a
+            # sure pass no 60 s window could give, while Baseline's gap stayed 36-79 req/s).
+            flat = not params.integer and cap is not None and cap.flat
+            asks.append((bracketed, flat, i, level))
     if not asks:
         return None, turn
-    _, i, level = min(asks)  # unbracketed first, then in turn
+    _, _, i, level = min(asks)  # unbracketed first, then steep before flat, then in turn
     return level, turn + i + 1

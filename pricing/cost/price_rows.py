@@ -307,16 +307,13 @@ def _interval_warnings(cap: Capacity, mode: str) -> list[str]:
     return []
 
 
-# Below this, 1% of noise in a p90 moves the crossing by more than 2%: few probes can place it.
-FLAT_ELASTICITY = 0.5
-
-
 def _flat(cap: Capacity) -> str:
     """Why more probes may not narrow the interval: the tier's limit lies where latency barely
     rises with load (a tier just above the server's unloaded latency)."""
-    e = cap.elasticity
-    if e is None or not 0 < e < FLAT_ELASTICITY:
+    if not cap.flat:
         return ""
+    e = cap.elasticity
+    assert e is not None
     return (f". Near the crossing latency rises only {e:.2f}% per 1% of load, so a p90 off by 1% moves the "
             f"capacity {1 / e:.0f}%: longer probes (--min-window-s) narrow it, more probes hardly; a limit 1% looser "
             f"would serve about {1 / e:.0f}% more")
