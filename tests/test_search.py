@@ -162,7 +162,7 @@ def test_a_rate_search_asks_for_a_flat_tier_last():
     0.15: a probe hardly narrows it), one steep with a wide gap. The steep one is asked first
     even on the flat one's turn; alone, the flat one still gets its probes. A concurrency search
     keeps plain turns."""
-    flat = [probe(x, 8.0, 0.15, np.random.default_rng(0), 0.0, 0.03, rate=lambda x: x) for x in (4.0, 6.6, 9.9)]
+    flat = [probe(x, 8.0, 0.15, np.random.default_rng(0), 0.0, 0.03, rate=lambda x: x) for x in (4.0, 7.0, 9.9)]
     steep = [Point(36.0, 0.6, 0.57, 0.63, 36, 36, 36), Point(79.0, BIG, BIG, BIG, 79, 79, 79)]
     params = SearchParams(tolerance=0.05, integer=False, min_level=0.1, max_level=200)
     tried = {p.level for p in flat} | {36.0, 79.0}
@@ -184,6 +184,9 @@ def test_the_curve_says_how_steep_it_is_at_the_crossing(slope):
     pts = [probe(x, 30.0, slope, np.random.default_rng(0), 0.0, 0.03, rate=lambda x: x) for x in (10.0, 20.0, 27.0, 33.0, 45.0)]
     cap = capacity_from_points(pts, integer=False)
     assert cap.elasticity == pytest.approx(slope)
+    # Probes far apart either side: their chord is not the slope at the crossing.
+    apart = [probe(x, 30.0, slope, np.random.default_rng(0), 0.0, 0.03, rate=lambda x: x) for x in (10.0, 20.0, 45.0)]
+    assert capacity_from_points(apart, integer=False).elasticity is None
     # The probe above could not be measured (a fall-behind): no slope to tell.
     cap = capacity_from_points([Point(40, 0.4, 0.38, 0.43, 40, 40, 40), Point(60, BIG, BIG, BIG, 60, 60, 60)], integer=False)
     assert cap.kind == "found" and cap.elasticity is None
