@@ -43,6 +43,8 @@ from sim_setup import CACHE, ENGINE, THINK_S, TIERS, fixed, wildchat  # noqa: E4
 
 from pricing.load.settle import RECENT, has_settled, request_shapes  # noqa: E402
 from pricing.measure.intervals import percentile_interval  # noqa: E402
+from pricing.measure.slo import outcome  # noqa: E402
+from pricing.measure.window import latency_at  # noqa: E402
 from pricing.testing.sim_truth import (  # noqa: E402
     closed_loop_requests,
     closed_loop_truth,
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             offset = 5000 * seed + 3  # each seed its own stretch of the pool, as probes take
             pairs = traffic.pairs[offset:] + traffic.pairs[:offset]
-            horizon = int(truth.request_rate_rps * args.horizon_s)
+            # Open: the offered rate's arrivals; closed: the truth's throughput at that concurrency.
+            horizon = int((truth.request_rate_rps if mode == "closed" else rate) * args.horizon_s)
             runs.append(closed_loop_requests(ENGINE, pairs, int(share), THINK_S, seed=100 + seed, horizon_requests=horizon)
                         if mode == "closed" else
                         open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=horizon))
@@ -94,12 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             errors: dict[str, list[float]] = {"tpot": [], "ttft": []}
             covered, unbounded = {"tpot": 0, "ttft": 0}, {"tpot": 0, "ttft": 0}
             for r in runs:
-                multi = r["osl"] >= 2
                 for start in np.arange(SETTLE_S, r["first_s"].max() - width, width):
-                    inside = (r["first_s"] >= start) & (r["first_s"] <= start + width)
-                    order = np.argsort(r["first_s"][inside & multi])  # in time order, as the interval needs
-                    tpot = ((r["end_s"] - r["first_s"])[inside & multi] / (r["osl"][inside & multi] - 1))[order]
-                    ttft = (r["first_s"] - r["arrive_s"])[inside][np.argsort(r["first_s"][inside])]
+                    ttft, tpot = _cohort(r, start, start + width)
                     for name, values, true in (("tpot", tpot, truth.tpot_s.p90), ("ttft", ttft, truth.ttft_s.p90)):
                         low, high = percentile_interval(values, 90)
                         errors[name].append(np.percentile(values, 90) / true - 1)
@@ -114,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cohort(r: dict, start: float, end: float, finished_by: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """TTFT and TPOT of the requests whose first token came in [start, end] (those finished by
-    `finished_by`, if given: what a probe's stop rule sees), each in time order."""
+    `finished_by`, if given: what a probe's stop rule sees), each in time order (as the intervals
+    need it), as a probe measures its window."""
     inside = (r["first_s"] >= start) & (r["first_s"] <= end)
     if finished_by is not None:
         inside &= r["end_s"] <= finished_by
@@ -128,10 +128,8 @@ def _decided(ttft: np.ndarray, tpot: np.ndarray) -> bool:
     """measure.probe.decided_rule on an offline sample: every default tier passes surely, fails
     surely, or fails one limit surely."""
     for tier in TIERS:
-        outcomes = []
-        for values, limit in ((ttft, tier.ttft_s), (tpot, tier.tpot_s)):
-            low, high = percentile_interval(values, 90)
-            outcomes.append("pass" if high <= limit else "fail" if low > limit else "undecided")
+        outcomes = [outcome(*latency_at(values, tier.percentile), limit)
+                    for values, limit in ((ttft, tier.ttft_s), (tpot, tier.tpot_s))]
         if "fail" not in outcomes and "undecided" in outcomes:
             return False
     return True
@@ -166,13 +164,6 @@ def stopping_table(seeds: int, loads: list[float], horizon_s: float) -> int:
             print(f"{share:>6.0%}  {name:<10}{len(a):>8}{np.median(a[:, 0]):>9.1f}{np.median(a[:, 1]):>+14.1%}"
                   f"{a[:, 2].mean():>9.0%}{np.median(a[:, 3]):>+14.1%}{a[:, 4].mean():>9.0%}")
     return 0
-
-
-def _window_p90s(r: dict, start: float, width: float) -> tuple[float, float]:
-    inside = (r["first_s"] >= start) & (r["first_s"] <= start + width)
-    multi = inside & (r["osl"] >= 2)
-    tpot = (r["end_s"] - r["first_s"])[multi] / (r["osl"][multi] - 1)
-    return float(np.percentile(tpot, 90)), float(np.percentile((r["first_s"] - r["arrive_s"])[inside], 90))
 
 
 def settle_time_s(r: dict, first_units: int = 16, step_s: float = 0.1) -> float:
@@ -216,8 +207,9 @@ def warmup_table(seeds: int, loads: list[float], width: float = 20.0) -> int:
             r = open_loop_requests(ENGINE, pairs, rate, seed=100 + seed, horizon_requests=int(rate * 100))
             for name, start in (("first 16 ended", float(r["end_s"][:16].max())), ("settled (load.settle)", settle_time_s(r)),
                                 ("after 60 s", 60.0)):
-                tpot, ttft = _window_p90s(r, start, width)
-                rows.setdefault(name, []).append((start, tpot / truth.tpot_s.p90 - 1, ttft / truth.ttft_s.p90 - 1))
+                ttft, tpot = _cohort(r, start, start + width)
+                rows.setdefault(name, []).append((start, np.percentile(tpot, 90) / truth.tpot_s.p90 - 1,
+                                                  np.percentile(ttft, 90) / truth.ttft_s.p90 - 1))
         for name, values in rows.items():
             a = np.asarray(values)
             print(f"{share:>6.0%}  {name:<22}{np.median(a[:, 0]):>11.1f}s{np.median(a[:, 1]):>+14.1%}{np.median(a[:, 2]):>+14.1%}")
