@@ -21,10 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pricing.measure.requests import RequestTable  # noqa: E402
+from pricing.measure.requests import NONE, RequestTable  # noqa: E402
 
 BLOCK = 50
-NONE = -1
 
 
 def first_table(path: Path) -> RequestTable:

@@ -260,10 +260,7 @@ def open_loop_requests(model: EngineModel, pairs: Pairs, rate_rps: float, seed: 
     and last token times (s) and OSL. For checking what windows of a real probe's length see."""
     run = _new_run(model, pairs, horizon_requests, 0.0)
     _drive_open(run, rate_rps, 1.0, seed, stop_unstable=False)
-    ids = [i for i in range(len(run.arrive_s)) if i in run.end_s]
-    return {"arrive_s": np.asarray([run.arrive_s[i] for i in ids]), "first_s": np.asarray([run.first_s[i] for i in ids]),
-            "end_s": np.asarray([run.end_s[i] for i in ids]),
-            "osl": np.asarray([run.osl[i % len(run.osl)] for i in ids])}
+    return _requests(run)
 
 
 def closed_loop_requests(model: EngineModel, pairs: Pairs, concurrency: int, think_s: float, seed: int,
@@ -271,6 +268,11 @@ def closed_loop_requests(model: EngineModel, pairs: Pairs, concurrency: int, thi
     """Every request of one closed-loop run from an empty engine, as open_loop_requests gives them."""
     run = _new_run(model, pairs, horizon_requests, 0.0)
     _drive_closed(run, concurrency, think_s, seed)
+    return _requests(run)
+
+
+def _requests(run: _Run) -> dict[str, np.ndarray]:
+    """The run's finished requests in arrival order: arrival, first and last token times (s), OSL."""
     ids = [i for i in range(len(run.arrive_s)) if i in run.end_s]
     return {"arrive_s": np.asarray([run.arrive_s[i] for i in ids]), "first_s": np.asarray([run.first_s[i] for i in ids]),
             "end_s": np.asarray([run.end_s[i] for i in ids]),
